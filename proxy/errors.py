@@ -1,0 +1,115 @@
+"""The exception tree: every error the proxy raises on purpose, with its stable code.
+
+    ProxyError
+    ├── ConfigError                 bad configuration (exit 2; `path.to.key: message` lines)
+    ├── StoreError                  token store unreadable, corrupt, foreign or unwritable
+    │   └── LockTimeout             the cross-process refresh lock was not had in time
+    ├── OAuthError                  the token endpoint refused or failed
+    │   ├── ReauthorizationRequired the grant has ended; a person must consent again (503)
+    │   ├── ClientRejected          invalid_client / unauthorized_client (503, tokens kept)
+    │   └── TransientOAuthError     network, timeout, 5xx, 429: worth retrying later
+    └── UpstreamError               the Pleo API could not be reached
+        ├── UpstreamUnreachable     connect failed or connection reset (502)
+        └── UpstreamTimeout         no byte within the read timeout (504)
+
+Visibility policy: a message is built from non-secret fields only (a config key path,
+an HTTP status, an OAuth `error` code, a file path). It may be shown to a client or a
+terminal as it is. Token values, refresh tokens, codes, client secrets and API keys
+never appear in a message; they travel as `proxy.secret.Secret` and are masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+class ProxyError(Exception):
+    """Base of every error the proxy raises on purpose."""
+
+    code: ClassVar[str] = "proxy_error"
+    status: ClassVar[int] = 500
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body a client receives for this error."""
+        return {"error": self.code, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One configuration problem: where it is and what is wrong."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class ConfigError(ProxyError):
+    code = "config_error"
+    status = 500
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+class StoreError(ProxyError):
+    code = "store_error"
+    status = 503
+
+
+class LockTimeout(StoreError):
+    code = "lock_timeout"
+    status = 503
+
+
+class OAuthError(ProxyError):
+    code = "oauth_error"
+    status = 503
+
+
+class ReauthorizationRequired(OAuthError):
+    code = "reauthorization_required"
+    status = 503
+
+    def __init__(self, detail: str, *, authorize_url: str | None = None) -> None:
+        super().__init__(detail)
+        self.authorize_url = authorize_url
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "authorize_url": self.authorize_url, "detail": self.detail}
+
+
+class ClientRejected(OAuthError):
+    code = "client_rejected"
+    status = 503
+
+
+class TransientOAuthError(OAuthError):
+    code = "token_endpoint_unavailable"
+    status = 503
+
+    def __init__(self, detail: str, *, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class UpstreamError(ProxyError):
+    code = "upstream_error"
+    status = 502
+
+
+class UpstreamUnreachable(UpstreamError):
+    code = "upstream_unreachable"
+    status = 502
+
+
+class UpstreamTimeout(UpstreamError):
+    code = "upstream_timeout"
+    status = 504
