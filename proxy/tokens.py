@@ -301,19 +301,15 @@ class TokenManager:
             # Another process may have refreshed (or ended the grant) meanwhile.
             stored = await self._store.load()
             self._last_reread = self._clock()
-            adopted = self._adopt_if_newer(stored, request)
-            if adopted is not None:
-                return adopted
-            assert stored is not None and stored.tokens is not None  # by _adopt_if_newer
-            return await self._refresh_at_pleo(stored, stored.tokens)
+            tokens, refresh_token = self._refreshable(stored)
+            assert stored is not None  # noqa: S101 - _refreshable raised otherwise
+            if self._store_makes_refresh_unneeded(tokens, request):
+                self._adopt(stored)
+                return tokens
+            return await self._refresh_at_pleo(stored, tokens, refresh_token)
 
-    def _adopt_if_newer(
-        self, stored: StoredState | None, request: RefreshRequest
-    ) -> TokenSet | None:
-        """Adopt the store's tokens when they make this refresh unnecessary.
-
-        Raises when the store says there is nothing to refresh (logged out, grant ended).
-        """
+    def _refreshable(self, stored: StoredState | None) -> tuple[TokenSet, Secret]:
+        """The stored tokens and refresh token; raises when there is nothing to refresh."""
         if stored is None or stored.tokens is None or stored.reauth_reason is not None:
             self._adopt(stored)
             raise self._reauth_error()
@@ -321,23 +317,21 @@ class TokenManager:
             raise ReauthorizationRequired(
                 "no refresh token is stored; authorise again", authorize_url=self._page_url
             )
-        tokens = stored.tokens
-        if request.rejected is not None:
-            if bearer(tokens) != request.rejected:
-                self._adopt(stored)
-                return tokens
-            return None
-        mine = self.tokens
-        newer = mine is None or mine.access_token != tokens.access_token
-        if request.force and not newer:
-            return None
-        if tokens.is_valid(self._clock(), for_at_least=request.fresh_for):
-            self._adopt(stored)
-            return tokens
-        return None
+        return stored.tokens, stored.tokens.refresh_token
 
-    async def _refresh_at_pleo(self, stored: StoredState, tokens: TokenSet) -> TokenSet:
-        assert tokens.refresh_token is not None
+    def _store_makes_refresh_unneeded(self, stored: TokenSet, request: RefreshRequest) -> bool:
+        """True when the store already holds what this refresh was meant to produce."""
+        if request.rejected is not None:
+            return bearer(stored) != request.rejected
+        mine = self.tokens
+        newer = mine is None or mine.access_token != stored.access_token
+        if request.force and not newer:
+            return False
+        return stored.is_valid(self._clock(), for_at_least=request.fresh_for)
+
+    async def _refresh_at_pleo(
+        self, stored: StoredState, tokens: TokenSet, refresh_token: Secret
+    ) -> TokenSet:
         interrupted = stored.refresh_started_at is not None
         # The mark is durable before Pleo sees the refresh token: a crash from here on
         # is recognised at the next start.
@@ -347,7 +341,7 @@ class TokenManager:
             new_tokens = await oauth.refresh_tokens(
                 self._session,
                 self._config.pleo,
-                refresh_token=tokens.refresh_token,
+                refresh_token=refresh_token,
                 timeout=self._config.timeouts.token_request,
                 now=self._clock(),
             )
@@ -460,7 +454,8 @@ class TokenManager:
 
     async def _background_refresh(self) -> None:
         stored = self._stored
-        assert stored is not None and stored.tokens is not None
+        if stored is None or stored.tokens is None:
+            return
         since = stored.last_refresh_at or stored.obtained_at or 0.0
         keepalive_due = self._clock() >= since + self._config.refresh.keepalive
         margin = refresh_margin(stored.tokens, self._config.refresh.before_expiry)
@@ -499,7 +494,7 @@ class TokenManager:
 def _with_scopes(tokens: TokenSet, scopes: tuple[str, ...]) -> TokenSet:
     return TokenSet(
         access_token=tokens.access_token,
-        refresh_token=tokens.refresh_token,
+        refresh_token=refresh_token,
         expires_at=tokens.expires_at,
         lifetime=tokens.lifetime,
         scopes=scopes,
