@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -81,7 +81,7 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class RefreshRequest:
     """Why a refresh is wanted: a rejected token, a proactive/keep-alive due, or expiry."""
 
@@ -492,14 +492,7 @@ class TokenManager:
 
 
 def _with_scopes(tokens: TokenSet, scopes: tuple[str, ...]) -> TokenSet:
-    return TokenSet(
-        access_token=tokens.access_token,
-        refresh_token=refresh_token,
-        expires_at=tokens.expires_at,
-        lifetime=tokens.lifetime,
-        scopes=scopes,
-        token_type=tokens.token_type,
-    )
+    return dataclasses.replace(tokens, scopes=scopes)
 
 
 def _page_url(redirect_uri: str) -> str:
