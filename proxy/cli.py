@@ -1,0 +1,225 @@
+"""`pleo-proxy`: the subcommands of the contract, exit codes and human output.
+
+Exit codes: 0 ok, 1 runtime failure, 2 bad input or configuration. Errors go to
+stderr as `error: …` (or `path.to.key: message` lines). Holds no business logic and
+prints no secret, except `token`, whose whole point is to print the access token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from proxy import __version__
+from proxy.config import Config, load_config
+from proxy.errors import ConfigError, ProxyError
+from proxy.logs import setup_logging
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pleo-proxy", description="A local reverse proxy that adds Pleo OAuth to plain HTTP."
+    )
+    parser.add_argument("--version", action="version", version=f"pleo-proxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", required=True, type=Path, metavar="FILE")
+        return p
+
+    run = with_config("run", "serve the proxy")
+    run.add_argument("--log-format", choices=["text", "json"], default=None)
+    demo = sub.add_parser("demo", help="the bundled sandbox and a proxy in front of it")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--sandbox-port", type=int, default=0)
+    demo.add_argument("--auto-approve", action="store_true")
+    sandbox = sub.add_parser("sandbox", help="run the bundled fake Pleo")
+    sandbox.add_argument("--port", type=int, default=8090)
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--redirect-uri", action="append", default=[])
+    with_config("check-config", "validate a configuration file")
+    with_config("authorize-url", "print the one-time authorise URL")
+    with_config("status", "print the connection status as JSON")
+    with_config("token", "print a valid access token (refreshing if needed)")
+    with_config("import-tokens", "store tokens given as JSON on stdin")
+    with_config("logout", "delete the local tokens")
+    with_config("rotate-key", "re-seal the token file under a new key")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command: str = args.command
+    try:
+        if command in ("demo", "sandbox"):
+            return _run_without_config(command, args)
+        config = load_config(args.config)
+        return _run_with_config(command, config, args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    except ProxyError as exc:
+        print(f"error: {exc.detail}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:
+        print(f"error: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+def _run_without_config(command: str, args: argparse.Namespace) -> int:
+    setup_logging("info")
+    if command == "sandbox":
+        from proxy.sandbox import SandboxSettings, serve_sandbox_forever
+
+        uris = tuple(args.redirect_uri) or SandboxSettings().redirect_uris
+        settings = SandboxSettings(redirect_uris=uris)
+        asyncio.run(serve_sandbox_forever(settings, host=args.host, port=args.port))
+        return EXIT_OK
+    from proxy.demo import run_demo
+
+    asyncio.run(
+        run_demo(port=args.port, sandbox_port=args.sandbox_port, auto_approve=args.auto_approve)
+    )
+    return EXIT_OK
+
+
+def _run_with_config(command: str, config: Config, args: argparse.Namespace) -> int:
+    if command == "check-config":
+        print("configuration OK")
+        return EXIT_OK
+    if command == "run":
+        from proxy.app import serve
+
+        setup_logging(config.log_level, fmt=args.log_format)
+        asyncio.run(serve(config))
+        return EXIT_OK
+    if command == "authorize-url":
+        return _authorize_url(config)
+    setup_logging("warning")
+    handlers: dict[str, Callable[[Config], Awaitable[int]]] = {
+        "status": _status,
+        "token": _token,
+        "import-tokens": _import_tokens,
+        "logout": _logout,
+        "rotate-key": _rotate_key,
+    }
+    return asyncio.run(handlers[command](config))
+
+
+def _authorize_url(config: Config) -> int:
+    from proxy.authorise import read_authorize_url
+
+    url = read_authorize_url(config)
+    if url is None:
+        status = asyncio.run(_read_status(config))
+        if status["state"] == "authorised":
+            print("already authorised: no authorise URL is needed", file=sys.stderr)
+        else:
+            print("no authorise URL yet: start the proxy with `pleo-proxy run`", file=sys.stderr)
+        return EXIT_FAILURE
+    print(url)
+    return EXIT_OK
+
+
+async def _with_manager(config: Config, action: Callable[[Any], Awaitable[int]]) -> int:
+    """Run `action(manager)` with a token manager on the configured store (no background)."""
+    from proxy.store import open_store
+    from proxy.tokens import TokenManager
+
+    store = open_store(config)
+    try:
+        async with aiohttp.ClientSession() as session:
+            manager = TokenManager(config, store, session)
+            await manager.start(background=False)
+            try:
+                return await action(manager)
+            finally:
+                await manager.close()
+    finally:
+        await store.close()
+
+
+async def _read_status(config: Config) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+
+    async def read(manager: Any) -> int:
+        result.update(manager.status())
+        return EXIT_OK
+
+    await _with_manager(config, read)
+    return result
+
+
+async def _status(config: Config) -> int:
+    print(json.dumps(await _read_status(config), indent=2))
+    return EXIT_OK
+
+
+async def _token(config: Config) -> int:
+    async def token(manager: Any) -> int:
+        tokens = await manager.current_token()
+        print(tokens.access_token.reveal())
+        return EXIT_OK
+
+    return await _with_manager(config, token)
+
+
+async def _import_tokens(config: Config) -> int:
+    import time
+
+    from proxy import oauth
+
+    try:
+        doc = json.loads(sys.stdin.read())
+    except json.JSONDecodeError as exc:
+        print(f"error: stdin is not JSON (line {exc.lineno})", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        tokens = oauth.parse_token_response(
+            doc, now=time.time(), requested_scopes=config.pleo.scopes
+        )
+    except ProxyError as exc:
+        print(f"error: {exc.detail}", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def install(manager: Any) -> int:
+        await manager.install(tokens)
+        print("tokens imported; the proxy is authorised")
+        return EXIT_OK
+
+    return await _with_manager(config, install)
+
+
+async def _logout(config: Config) -> int:
+    async def logout(manager: Any) -> int:
+        await manager.logout()
+        print(
+            "local tokens deleted. Pleo documents no revocation endpoint: to revoke the"
+            " grant itself, disconnect the app in Pleo's settings."
+        )
+        return EXIT_OK
+
+    return await _with_manager(config, logout)
+
+
+async def _rotate_key(config: Config) -> int:
+    from proxy.store.file import rotate_key
+
+    key_id = await rotate_key(config)
+    print(f"token file re-sealed under key {key_id}")
+    return EXIT_OK
