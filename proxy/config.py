@@ -7,37 +7,68 @@ secret value in a message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar, get_args
+from urllib.parse import urlsplit
 
+import yaml
+
+from proxy.errors import ConfigError, Problem
 from proxy.secret import Secret
 
 Environment = Literal["production", "staging", "sandbox"]
 TokenAuthMethod = Literal["client_secret_basic", "client_secret_post"]
 StoreKind = Literal["file", "redis"]
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 SANDBOX_DEFAULT_PORT = 8090
 MIB = 1024 * 1024
+CALLBACK_PATH = "/_proxy/callback"
+FILE_PROBLEM_PATH = "(file)"  # the path of problems about the file as a whole
+
+# (api_url, authorize_url, token_url); the sandbox row is built from its base URL.
+ENVIRONMENTS: dict[str, tuple[str, str, str]] = {
+    "production": (
+        "https://external.pleo.io",
+        "https://auth.pleo.io/oauth/authorize",
+        "https://auth.pleo.io/oauth/token",
+    ),
+    "staging": (
+        "https://external.staging.pleo.io",
+        "https://auth.staging.pleo.io/oauth/authorize",
+        "https://auth.staging.pleo.io/oauth/token",
+    ),
+}
 
 
 @dataclass(frozen=True)
 class Listen:
+    """Where the proxy listens, e.g. `Listen(host="127.0.0.1", port=0)` in tests."""
+
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: int = 8080  # 0 = an ephemeral port (then pleo.redirect_uri must be explicit)
     allowed_hosts: tuple[str, ...] = ()
-    allowed_origins: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()  # normalised: "scheme://host[:port]", lower case
 
 
 @dataclass(frozen=True)
 class Pleo:
+    """The Pleo side, e.g. `Pleo(environment="sandbox", client_id="c", client_secret=s)`."""
+
     environment: Environment = "production"
-    api_url: str = "https://external.pleo.io"
+    api_url: str = "https://external.pleo.io"  # never ends with "/"
     authorize_url: str = "https://auth.pleo.io/oauth/authorize"
-    token_url: str = "https://auth.pleo.io/oauth/token"
+    token_url: str = "https://auth.pleo.io/oauth/token"  # noqa: S105 - a URL
     client_id: str | None = None
     client_secret: Secret | None = None
-    token_auth_method: TokenAuthMethod = "client_secret_basic"
+    token_auth_method: TokenAuthMethod = "client_secret_basic"  # noqa: S105 - a name
     scopes: tuple[str, ...] = ()
     redirect_uri: str = "http://localhost:8080/_proxy/callback"
     api_key: Secret | None = None
@@ -50,6 +81,8 @@ class Pleo:
 
 @dataclass(frozen=True)
 class TokensConfig:
+    """Where tokens are kept, e.g. `TokensConfig(path=tmp / "t.enc", key_file=tmp / "t.key")`."""
+
     store: StoreKind = "file"
     path: Path = Path("tokens.enc")
     key_file: Path = Path("tokens.key")
@@ -63,6 +96,8 @@ class TokensConfig:
 
 @dataclass(frozen=True)
 class Refresh:
+    """Refresh policy in seconds/bytes, e.g. `Refresh(before_expiry=30)`."""
+
     before_expiry: float = 120.0
     replay_body_limit: int = 1 * MIB
     keepalive: float = 7 * 24 * 3600.0
@@ -70,6 +105,8 @@ class Refresh:
 
 @dataclass(frozen=True)
 class Timeouts:
+    """Timeouts in seconds, e.g. `Timeouts(connect=1, read=5)`."""
+
     connect: float = 10.0
     read: float = 120.0
     token_request: float = 15.0
@@ -83,4 +120,498 @@ class Config:
     tokens: TokensConfig = field(default_factory=TokensConfig)
     refresh: Refresh = field(default_factory=Refresh)
     timeouts: Timeouts = field(default_factory=Timeouts)
-    log_level: str = "info"
+    log_level: str = "info"  # one of LogLevel
+
+
+def environment_defaults(
+    env: Environment, *, sandbox_url: str = f"http://127.0.0.1:{SANDBOX_DEFAULT_PORT}"
+) -> tuple[str, str, str]:
+    """(api_url, authorize_url, token_url) of a Pleo environment."""
+    if env == "sandbox":
+        base = sandbox_url.rstrip("/")
+        return base, f"{base}/oauth/authorize", f"{base}/oauth/token"
+    return ENVIRONMENTS[env]
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for `localhost`, 127.0.0.0/8 and ::1 (brackets allowed): never off the machine."""
+    name = host.strip().lower()
+    if name == "localhost":
+        return True
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    try:
+        addr = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped.is_loopback
+    return addr.is_loopback
+
+
+# --- scalar parsers: each raises a short ValueError; the reader adds the key path ---
+
+T = TypeVar("T")
+Parser = Callable[[object], Any]
+
+
+class _AtItem(ValueError):
+    """A problem with one item of a list: reported at `key[index]`."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_describe(value)}")
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _secret(value: object) -> Secret:
+    # Never echo: whatever sits at a secret key may be the secret, even when mistyped.
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    if not value:
+        raise ValueError("must not be empty")
+    return Secret(value)
+
+
+def _integer(value: object) -> int:
+    # Numeric strings are accepted because `${PORT}` substitutes to a string.
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {_describe(value)}")
+    return value
+
+
+def _port(value: object) -> int:
+    port = _integer(value)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"expected a port from 0 to 65535, got {port}")
+    return port
+
+
+_QUANTITY = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)", re.IGNORECASE)
+_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": MIB, "gib": 1024 * MIB, "kb": 1000}
+_SIZE_UNITS |= {"mb": 1000**2, "gb": 1000**3}
+
+
+def _quantity(value: object, units: Mapping[str, float], expected: str) -> float:
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str) and (m := _QUANTITY.fullmatch(value.strip())):
+        unit = units.get(m[2].lower())
+        number = None if unit is None else float(m[1]) * unit
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"expected {expected}, got {_describe(value)}")
+    if number < 0:
+        raise ValueError(f"must not be negative, got {_describe(value)}")
+    return number
+
+
+def _duration(*, zero_ok: bool) -> Parser:
+    def parse(value: object) -> float:
+        seconds = _quantity(value, _DURATION_UNITS, "a duration like 90, '90s', '2m', '1h', '7d'")
+        if seconds == 0 and not zero_ok:
+            raise ValueError("must be greater than zero")
+        return seconds
+
+    return parse
+
+
+def _size(value: object) -> int:
+    return int(_quantity(value, _SIZE_UNITS, "a size like 1048576, '512KiB', '1MiB'"))
+
+
+def _choice(kind: str, choices: tuple[str, ...]) -> Parser:
+    """The one place closed choices (the `Literal` types) are checked against the YAML."""
+
+    def parse(value: object) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(
+                f"unknown {kind} {_describe(value)}; expected one of {', '.join(choices)}"
+            )
+        return value
+
+    return parse
+
+
+def _url(value: object, *, base_only: bool = False) -> str:
+    text = _string(value)
+    parts = urlsplit(text)
+    if "@" in parts.netloc:  # checked first: a URL with userinfo is not echoed back
+        raise ValueError("must not contain a user name or password")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an absolute http(s) URL, got {text!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise ValueError(f"invalid port in URL {text!r}") from None
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ValueError("plain http is allowed only for loopback hosts")
+    if parts.fragment or (base_only and parts.query):
+        raise ValueError("must not have a " + ("fragment" if parts.fragment else "query"))
+    return text
+
+
+def _api_url(value: object) -> str:
+    # Without the trailing slash, `api_url + request.raw_path` is the upstream URL.
+    return _url(value, base_only=True).rstrip("/")
+
+
+def _redis_url(value: object) -> str:
+    text = _string(value)
+    if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    return text
+
+
+def _origin(value: object) -> str:
+    text = _string(value)
+    parts = urlsplit(text)
+    extra = parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc
+    if parts.scheme not in ("http", "https") or not parts.hostname or extra:
+        raise ValueError(f"expected an origin like 'https://app.example.com', got {text!r}")
+    # Browsers send Origin in this form: scheme://host[:port], lower case, no slash.
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+def _host(value: object) -> str:
+    text = _string(value)
+    if any(c in text for c in "/@?# \t"):
+        raise ValueError(f"expected a host name, optionally with ':port', got {text!r}")
+    return text
+
+
+def _scope(value: object) -> str:
+    text = _string(value)
+    if any(c.isspace() for c in text):
+        raise ValueError(f"a scope must not contain whitespace, got {text!r}")
+    return text
+
+
+def _list_of(item: Callable[[object], T]) -> Callable[[object], tuple[T, ...]]:
+    def parse(value: object) -> tuple[T, ...]:
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list, got {_describe(value)}")
+        out: list[T] = []
+        for index, element in enumerate(value):
+            try:
+                out.append(item(element))
+            except ValueError as exc:
+                raise _AtItem(index, str(exc)) from None
+        return tuple(out)
+
+    return parse
+
+
+def _scopes(value: object) -> tuple[str, ...]:
+    # A string is split on spaces, so `scopes: ${PLEO_SCOPES}` works.
+    return _list_of(_scope)(value.split() if isinstance(value, str) else value)
+
+
+def _path(base_dir: Path, environ: Mapping[str, str]) -> Callable[[object], Path]:
+    def parse(value: object) -> Path:
+        text = _string(value)
+        if text == "~" or text.startswith("~/"):
+            return _home(environ) / text[2:]
+        if text.startswith("~"):
+            raise ValueError(f"'~user' paths are not supported, got {text!r}")
+        return base_dir / text  # an absolute `text` replaces base_dir
+
+    return parse
+
+
+def _existing_file(read_path: Callable[[object], Path]) -> Parser:
+    def parse(value: object) -> Path:
+        path = read_path(value)
+        if not path.is_file():
+            raise ValueError(f"no such file: {str(path)!r}")
+        return path
+
+    return parse
+
+
+def _secret_file(read_path: Callable[[object], Path]) -> Parser:
+    def parse(value: object) -> Secret:
+        path = read_path(value)
+        # Messages name the path and the OS reason, never the content.
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"cannot read {str(path)!r}: {exc.strerror or 'error'}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{str(path)!r} is not UTF-8 text") from None
+        text = text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
+        if not text:
+            raise ValueError(f"{str(path)!r} is empty")
+        return Secret(text)
+
+    return parse
+
+
+def _home(environ: Mapping[str, str]) -> Path:
+    return Path(environ.get("HOME") or Path.home())
+
+
+# --- ${ENV} substitution, per scalar after parsing ---
+
+_REFERENCE = re.compile(
+    r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}|\$\{"
+)
+
+
+def _substitute_text(text: str, environ: Mapping[str, str]) -> str:
+    def expand(match: re.Match[str]) -> str:
+        if match[0] == "$$":
+            return "$"
+        name, default = match["name"], match["default"]
+        if name is None:
+            raise ValueError("malformed '${' reference; expected ${NAME} or ${NAME:-default}")
+        value = environ.get(name)
+        if default is not None and not value:  # shell semantics: unset or empty
+            return str(default)
+        if value is None:
+            raise ValueError(f"environment variable {name} is not set")
+        return value
+
+    return _REFERENCE.sub(expand, text)
+
+
+def _substitute(value: object, environ: Mapping[str, str]) -> object:
+    if isinstance(value, str):
+        return _substitute_text(value, environ)
+    if isinstance(value, list):
+        out: list[object] = []
+        for index, element in enumerate(value):
+            try:
+                out.append(_substitute(element, environ))
+            except ValueError as exc:
+                raise _AtItem(index, str(exc)) from None
+        return out
+    return value
+
+
+# --- the reader: walks the document in order, collecting every problem ---
+
+Spec = Mapping[str, "Parser | Spec"]
+_INVALID = object()  # a key that was present but had a problem
+
+
+class _Reader:
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+        self.seq = 0  # keys visited so far: problems are sorted by it (document order)
+        self.ends: dict[str, int] = {}  # section → seq of its last key
+        self._problems: list[tuple[int, Problem]] = []
+
+    def add(self, path: str, message: str, *, at: int | None = None) -> None:
+        self._problems.append((self.seq if at is None else at, Problem(path, message)))
+
+    def problems(self) -> list[Problem]:
+        return [problem for _, problem in sorted(self._problems, key=lambda item: item[0])]
+
+    def section(self, value: object, path: str, spec: Spec) -> dict[str, Any]:
+        """The parsed keys of one mapping; absent keys are absent, failed ones `_INVALID`."""
+        out: dict[str, Any] = {}
+        if value is not None and not isinstance(value, Mapping):
+            self.add(path, f"expected a mapping, got {_describe(value)}")
+        for key, raw in value.items() if isinstance(value, Mapping) else ():
+            self.seq += 1
+            key_path = f"{path}.{key}" if path else str(key)
+            entry = spec.get(key) if isinstance(key, str) else None
+            if entry is None:
+                self.add(key_path, _unknown_key(key, spec))
+            elif isinstance(entry, Mapping):
+                out[key] = self.section(raw, key_path, entry)
+            elif raw is not None:  # `key:` with no value means "use the default"
+                out[key] = self.value(raw, key_path, entry)
+        self.ends[path] = self.seq
+        return out
+
+    def value(self, raw: object, path: str, parse: Parser) -> Any:
+        try:
+            return parse(_substitute(raw, self.environ))
+        except ValueError as exc:
+            where = f"{path}[{exc.index}]" if isinstance(exc, _AtItem) else path
+            self.add(where, str(exc))
+            return _INVALID
+
+
+def _unknown_key(key: object, spec: Spec) -> str:
+    close = difflib.get_close_matches(str(key), list(spec), n=1)
+    if close:
+        return f"unknown key (did you mean {close[0]!r}?)"
+    return f"unknown key; expected one of {', '.join(spec)}"
+
+
+def _spec(base_dir: Path, environ: Mapping[str, str]) -> Spec:
+    path = _path(base_dir, environ)
+    positive, non_negative = _duration(zero_ok=False), _duration(zero_ok=True)
+    return {
+        "listen": {
+            "host": _host,
+            "port": _port,
+            "allowed_hosts": _list_of(_host),
+            "allowed_origins": _list_of(_origin),
+        },
+        "pleo": {
+            "environment": _choice("environment", get_args(Environment)),
+            "api_url": _api_url,
+            "authorize_url": _url,
+            "token_url": _url,
+            "client_id": _string,
+            "client_secret": _secret,
+            "client_secret_file": _secret_file(path),
+            "token_auth_method": _choice("token auth method", get_args(TokenAuthMethod)),
+            "scopes": _scopes,
+            "redirect_uri": _url,
+            "api_key": _secret,
+            "api_key_file": _secret_file(path),
+            "ca_file": _existing_file(path),
+        },
+        "tokens": {
+            "store": _choice("store", get_args(StoreKind)),
+            "path": path,
+            "key_file": path,
+            "redis_url": _redis_url,
+        },
+        "refresh": {
+            "before_expiry": non_negative,
+            "replay_body_limit": _size,
+            "keepalive": positive,
+        },
+        "timeouts": {k: positive for k in ("connect", "read", "token_request", "shutdown")},
+        "log_level": _choice("log level", get_args(LogLevel)),
+    }
+
+
+# --- assembly: defaults and rules that span keys ---
+
+
+def _valid(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not _INVALID}
+
+
+def _one_secret(values: dict[str, Any], key: str, reader: _Reader, at: int) -> Secret | None:
+    """`key` XOR `key_file` (like oauth2-proxy's SecretSource): the secret, if any."""
+    file_key = f"{key}_file"
+    if key in values and file_key in values:
+        reader.add(f"pleo.{file_key}", f"set either {key} or {file_key}, not both", at=at)
+    for name in (key, file_key):
+        if isinstance(values.get(name), Secret):
+            return values[name]  # type: ignore[no-any-return]
+    return None
+
+
+def _build_pleo(values: dict[str, Any], listen: Listen, reader: _Reader) -> Pleo:
+    at = reader.ends.get("pleo", reader.seq)
+    api_key = _one_secret(values, "api_key", reader, at)
+    client_secret = _one_secret(values, "client_secret", reader, at)
+    valid = _valid(values)
+    api_url, authorize_url, token_url = environment_defaults(valid.get("environment", "production"))
+    redirect_uri = f"http://localhost:{listen.port}{CALLBACK_PATH}"
+    if "api_key" not in values and "api_key_file" not in values:  # OAuth mode
+        if "client_id" not in values:
+            reader.add("pleo.client_id", "required (or set pleo.api_key for API-key mode)", at=at)
+        if "client_secret" not in values and "client_secret_file" not in values:
+            reader.add(
+                "pleo.client_secret", "required: set client_secret or client_secret_file", at=at
+            )
+        if "redirect_uri" not in values and listen.port == 0:
+            reader.add("pleo.redirect_uri", "required when listen.port is 0", at=at)
+    fields: dict[str, Any] = {
+        "api_url": api_url,
+        "authorize_url": authorize_url,
+        "token_url": token_url,
+    }
+    fields |= {"redirect_uri": redirect_uri} | valid
+    fields |= {"client_secret": client_secret, "api_key": api_key}
+    fields.pop("client_secret_file", None)
+    fields.pop("api_key_file", None)
+    return replace(Pleo(), **fields)
+
+
+def _build_tokens(values: dict[str, Any], reader: _Reader) -> TokensConfig:
+    valid = _valid(values)
+    state_dirs = reader.environ.get("STATE_DIRECTORY", "")
+    if state_dirs:  # systemd StateDirectory=; several are ':'-separated, the first is ours
+        default_path = Path(state_dirs.split(":")[0]) / "tokens.enc"
+    else:
+        default_path = _home(reader.environ) / ".local/state/pleo-proxy/tokens.enc"
+    path: Path = valid.get("path", default_path)
+    key_file: Path = valid.get("key_file", path.with_name("tokens.key"))
+    if valid.get("store") == "redis" and "redis_url" not in values:
+        at = reader.ends.get("tokens", reader.seq)
+        reader.add("tokens.redis_url", "required when tokens.store is redis", at=at)
+    return replace(TokensConfig(), **(valid | {"path": path, "key_file": key_file}))
+
+
+def _build(values: dict[str, Any], reader: _Reader) -> Config:
+    listen = replace(Listen(), **_valid(values.get("listen", {})))
+    return Config(
+        listen=listen,
+        pleo=_build_pleo(values.get("pleo", {}), listen, reader),
+        tokens=_build_tokens(values.get("tokens", {}), reader),
+        refresh=replace(Refresh(), **_valid(values.get("refresh", {}))),
+        timeouts=replace(Timeouts(), **_valid(values.get("timeouts", {}))),
+        log_level=_valid(values).get("log_level", "info"),
+    )
+
+
+def parse_config(doc: object, *, base_dir: Path, environ: Mapping[str, str]) -> Config:
+    """The config in `doc` (parsed YAML); raises ConfigError listing every problem."""
+    if doc is None:
+        raise ConfigError([Problem(FILE_PROBLEM_PATH, "the configuration is empty")])
+    if not isinstance(doc, Mapping):
+        kind = type(doc).__name__  # not the value: a pasted secret must not come back
+        message = f"expected a mapping of settings at the top level, got {kind}"
+        raise ConfigError([Problem(FILE_PROBLEM_PATH, message)])
+    reader = _Reader(environ)
+    config = _build(reader.section(doc, "", _spec(base_dir, environ)), reader)
+    if problems := reader.problems():
+        raise ConfigError(problems)
+    return config
+
+
+def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, parse and validate the YAML file at `path`; raises ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(
+            [Problem(FILE_PROBLEM_PATH, f"cannot read {str(path)!r}: {reason}")]
+        ) from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([Problem(FILE_PROBLEM_PATH, _yaml_message(exc))]) from None
+    env = os.environ if environ is None else environ
+    return parse_config(doc, base_dir=path.absolute().parent, environ=env)
+
+
+def _yaml_message(exc: yaml.YAMLError) -> str:
+    # Only PyYAML's short `problem` and the position: its snippet would echo file content.
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or "syntax error"
+    if mark is None:
+        return f"invalid YAML: {problem}"
+    return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
