@@ -192,6 +192,7 @@ async def test_two_managers_on_one_file_never_reuse_a_refresh_token(
     config = await authorised_manager_config(sandbox, tmp_path, ttl=300)
     async with running_manager(config) as first, running_manager(config) as second:
         old = await install_fresh(first, config)
+        await asyncio.sleep(1.05)  # re-reads are throttled to one a second
         await second.authorization()  # picks the tokens up from the shared store
         a, b = await asyncio.gather(first.on_rejected(bearer(old)), second.on_rejected(bearer(old)))
         assert a == b
