@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,7 @@ def _run_with_config(command: str, config: Config, args: argparse.Namespace) -> 
     if command == "authorize-url":
         return _authorize_url(config)
     setup_logging("warning")
-    handlers: dict[str, Callable[[Config], Awaitable[int]]] = {
+    handlers: dict[str, Callable[[Config], Coroutine[Any, Any, int]]] = {
         "status": _status,
         "token": _token,
         "import-tokens": _import_tokens,

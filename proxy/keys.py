@@ -12,7 +12,7 @@ from proxy.credentials import CredentialSource
 from proxy.tokens import TokenManager
 
 CONFIG_KEY = web.AppKey("config", Config)
-CLOCK_KEY = web.AppKey("clock", Callable[[], float])
+CLOCK_KEY: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 UPSTREAM_SESSION_KEY = web.AppKey("upstream_session", aiohttp.ClientSession)
 CREDENTIALS_KEY = web.AppKey("credentials", CredentialSource)
 TOKENS_KEY = web.AppKey("tokens", TokenManager)  # absent in API-key mode
