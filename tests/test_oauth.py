@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy import oauth
+from proxy import oauth, pkce
 from proxy.config import Pleo
 from proxy.errors import (
     ClientRejected,
@@ -27,8 +27,11 @@ from proxy.errors import (
     ReauthorizationRequired,
     TransientOAuthError,
 )
+from proxy.sandbox import RunningSandbox, SandboxSettings, start_sandbox
+from proxy.sandbox.state import DEFAULT_COMPANY_ID
 from proxy.secret import Secret
 from proxy.tokenset import TokenSet
+from tests.sandboxes import set_knobs
 
 NOW = 1_700_000_000.0
 CLIENT_ID = "client:id%1"  # ':' and '%' prove the RFC 6749 §2.3.1 form-encoding
@@ -332,14 +335,14 @@ CLASSIFICATION = [
     (400, {"error": "unsupported_grant_type"}, {}, CR, None, "unsupported_grant_type"),
     (400, {"error": "invalid_scope"}, {}, CR, None, "invalid_scope"),
     (400, b"<html>bad</html>", {}, CR, None, "HTTP 400"),
-    (500, b"oops", {}, TR, None, "HTTP 500"),
+    (500, b"oops", {}, TR, None, "unavailable (HTTP 500)"),
     (503, b"", {"Retry-After": "7"}, TR, 7.0, "HTTP 503"),
     (502, {"error": "invalid_grant"}, {}, TR, None, "invalid_grant, HTTP 502"),
     (429, {"error": "slow_down"}, {"Retry-After": "30"}, TR, 30.0, "slow_down, HTTP 429"),
     (429, b"", {"Retry-After": IN_90_S}, TR, 90.0, "HTTP 429"),
     (429, b"", {"Retry-After": "whenever"}, TR, None, "HTTP 429"),
-    (408, b"", {}, TR, None, "HTTP 408"),
-    (302, b"", {"Location": "/x"}, TR, None, "HTTP 302"),
+    (408, b"", {}, TR, None, "unavailable (HTTP 408)"),
+    (302, b"", {"Location": "/x"}, TR, None, "unexpectedly (HTTP 302)"),
 ]  # fmt: skip
 
 
@@ -575,3 +578,155 @@ def test_introspection_tolerates_missing_fields() -> None:
     assert oauth.parse_introspection({"data": {"subjectURN": 5}}) == oauth.Subject(
         None, None, (), None
     )
+
+
+# --- against the bundled sandbox ------------------------------------------------------------
+
+SANDBOX_ID, SANDBOX_SECRET = "sand:box%id", "sand:box%+secret"  # the encoding must agree
+REDIRECT = "http://localhost:8080/_proxy/callback"
+
+
+@pytest.fixture
+async def flow_sandbox() -> AsyncIterator[RunningSandbox]:
+    settings = SandboxSettings(
+        client_id=SANDBOX_ID,
+        client_secret=SANDBOX_SECRET,
+        redirect_uris=(REDIRECT,),
+        auto_approve=True,
+    )
+    running = await start_sandbox(settings)
+    try:
+        yield running
+    finally:
+        await running.close()
+
+
+def sandbox_pleo(url: str) -> Pleo:
+    pleo = make_pleo(url, client_id=SANDBOX_ID, client_secret=Secret(SANDBOX_SECRET))
+    return replace(pleo, scopes=("users:read", "test:test"))
+
+
+async def authorise(session: aiohttp.ClientSession, pleo: Pleo) -> tuple[Secret, str]:
+    """Follow the auto-approved authorise URL one hop: (code, verifier)."""
+    verifier = pkce.new_verifier()
+    url = oauth.build_authorize_url(
+        pleo, state="st-1", code_challenge=pkce.challenge_s256(verifier)
+    )
+    async with session.get(url, allow_redirects=False) as response:
+        assert response.status == 302
+        location = urlsplit(response.headers["Location"])
+    assert f"{location.scheme}://{location.netloc}{location.path}" == REDIRECT
+    params = parse_qs(location.query)
+    assert params["state"] == ["st-1"]
+    return Secret(params["code"][0]), verifier
+
+
+async def test_sandbox_code_flow_refresh_rotation_and_reuse(
+    flow_sandbox: RunningSandbox, session: aiohttp.ClientSession
+) -> None:
+    pleo = sandbox_pleo(flow_sandbox.url)
+    code, verifier = await authorise(session, pleo)
+    first = await oauth.exchange_code(
+        session, pleo, code=code, code_verifier=verifier, timeout=5, now=NOW
+    )
+    assert first.scopes == ("users:read", "test:test")
+    assert first.refresh_token is not None
+    subject = await oauth.introspect(
+        session, pleo, authorization=Secret(f"Bearer {first.access_token.reveal()}"), timeout=5
+    )
+    assert subject.subject_urn == f"urn:pleo:company:{DEFAULT_COMPANY_ID}"
+    assert subject.company_name == "Sandbox Company ApS"
+
+    second = await oauth.refresh_tokens(
+        session, pleo, refresh_token=first.refresh_token, timeout=5, now=NOW + 10
+    )
+    assert second.access_token != first.access_token
+    assert second.refresh_token not in (None, first.refresh_token)
+    assert second.expires_at == NOW + 10 + second.lifetime
+    with pytest.raises(ReauthorizationRequired) as caught:
+        await oauth.refresh_tokens(
+            session, pleo, refresh_token=first.refresh_token, timeout=5, now=NOW + 20
+        )
+    assert caught.value.detail == "Pleo refused the refresh token (invalid_grant)"
+
+
+async def test_sandbox_refuses_a_reused_code_and_a_wrong_verifier(
+    flow_sandbox: RunningSandbox, session: aiohttp.ClientSession
+) -> None:
+    pleo = sandbox_pleo(flow_sandbox.url)
+    code, verifier = await authorise(session, pleo)
+    await oauth.exchange_code(session, pleo, code=code, code_verifier=verifier, timeout=5, now=NOW)
+    other_code, _ = await authorise(session, pleo)
+    for used, presented in ((code, verifier), (other_code, pkce.new_verifier())):
+        with pytest.raises(ReauthorizationRequired, match="authorisation code"):
+            await oauth.exchange_code(
+                session, pleo, code=used, code_verifier=presented, timeout=5, now=NOW
+            )
+
+
+def wrong_secret(pleo: Pleo) -> Pleo:
+    return replace(pleo, client_secret=Secret("wrong"))
+
+
+def secret_post(pleo: Pleo) -> Pleo:
+    return replace(pleo, token_auth_method="client_secret_post")
+
+
+@pytest.mark.parametrize("misconfigure", [wrong_secret, secret_post])
+async def test_sandbox_rejects_the_client(
+    flow_sandbox: RunningSandbox,
+    session: aiohttp.ClientSession,
+    misconfigure: Callable[[Pleo], Pleo],
+) -> None:
+    pleo = sandbox_pleo(flow_sandbox.url)
+    code, verifier = await authorise(session, pleo)
+    with pytest.raises(ClientRejected, match="invalid_client"):
+        await oauth.exchange_code(
+            session, misconfigure(pleo), code=code, code_verifier=verifier, timeout=5, now=NOW
+        )
+
+
+@pytest.mark.parametrize(
+    ("mode", "retry_after"),
+    [("500", None), ("503", None), ("429", 1.0), ("timeout", None), ("garbage", None),
+     ("reset", None)],
+)  # fmt: skip
+async def test_sandbox_failure_modes_are_transient(
+    flow_sandbox: RunningSandbox,
+    session: aiohttp.ClientSession,
+    mode: str,
+    retry_after: float | None,
+) -> None:
+    pleo = sandbox_pleo(flow_sandbox.url)
+    code, verifier = await authorise(session, pleo)
+    tokens = await oauth.exchange_code(
+        session, pleo, code=code, code_verifier=verifier, timeout=5, now=NOW
+    )
+    assert tokens.refresh_token is not None
+    await set_knobs(flow_sandbox.url, token_failures=1, token_failure_mode=mode)
+    with pytest.raises(TransientOAuthError) as caught:
+        await oauth.refresh_tokens(
+            session, pleo, refresh_token=tokens.refresh_token, timeout=0.5, now=NOW
+        )
+    assert caught.value.retry_after == retry_after
+    # The failure consumed nothing: the same refresh token still works afterwards.
+    await oauth.refresh_tokens(
+        session, pleo, refresh_token=tokens.refresh_token, timeout=5, now=NOW
+    )
+
+
+async def test_sandbox_answer_without_refresh_token_keeps_the_old_one(
+    flow_sandbox: RunningSandbox, session: aiohttp.ClientSession
+) -> None:
+    pleo = sandbox_pleo(flow_sandbox.url)
+    code, verifier = await authorise(session, pleo)
+    tokens = await oauth.exchange_code(
+        session, pleo, code=code, code_verifier=verifier, timeout=5, now=NOW
+    )
+    assert tokens.refresh_token is not None
+    await set_knobs(flow_sandbox.url, token_failures=1, token_failure_mode="no_refresh_token")
+    again = await oauth.refresh_tokens(
+        session, pleo, refresh_token=tokens.refresh_token, timeout=5, now=NOW
+    )
+    assert again.refresh_token == tokens.refresh_token
+    assert again.access_token != tokens.access_token
