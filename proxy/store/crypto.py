@@ -71,12 +71,7 @@ def open_sealed(blob: bytes, keys: Sequence[bytes], *, what: str = "token file")
 
     `what` names the thing in messages ("token file", "token value in Redis").
     """
-    if not blob.startswith(MAGIC_FAMILY):
-        raise StoreError(f"not a pleo-proxy {what}")
-    if not blob.startswith(MAGIC):
-        raise StoreError(f"{what} has an unsupported format version (newer pleo-proxy?)")
-    if len(blob) < HEADER_BYTES + TAG_BYTES:
-        raise StoreError(f"{what} is corrupt (truncated)")
+    check_envelope(blob, what=what)
     kid = blob[len(MAGIC) : len(MAGIC) + KID_BYTES]
     nonce = blob[len(MAGIC) + KID_BYTES : HEADER_BYTES]
     key = _key_for(kid, keys)
@@ -90,6 +85,16 @@ def open_sealed(blob: bytes, keys: Sequence[bytes], *, what: str = "token file")
         return AESGCM(key).decrypt(nonce, blob[HEADER_BYTES:], _aad(kid))
     except InvalidTag:
         raise StoreError(f"{what} is corrupt (authentication failed)") from None
+
+
+def check_envelope(blob: bytes, *, what: str = "token file") -> None:
+    """StoreError unless `blob` looks like one of our envelopes (no key needed)."""
+    if not blob.startswith(MAGIC_FAMILY):
+        raise StoreError(f"{what} is foreign: not sealed by pleo-proxy")
+    if not blob.startswith(MAGIC):
+        raise StoreError(f"{what} has an unsupported format version (newer pleo-proxy?)")
+    if len(blob) < HEADER_BYTES + TAG_BYTES:
+        raise StoreError(f"{what} is corrupt (truncated)")
 
 
 def _key_for(kid: bytes, keys: Sequence[bytes]) -> bytes | None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from proxy.errors import LockTimeout, StoreError
 from proxy.store.crypto import (
+    check_envelope,
     format_key,
     fsync_dir,
     generate_key,
@@ -125,8 +126,10 @@ class FileStore:
         blob = _read(self._path)
         if blob is None:
             return None
-        keys = self._keys(create=False)
-        plaintext = open_sealed(blob, keys, what=f"token file {self._path}")
+        what = f"token file {self._path}"
+        # The envelope first: a foreign file is reported as such, not as a missing key.
+        check_envelope(blob, what=what)
+        plaintext = open_sealed(blob, self._keys(create=False), what=what)
         try:
             return state_from_json(plaintext)
         except ValueError as exc:
