@@ -1,0 +1,119 @@
+"""Several proxy processes on one token file, and proxies killed mid-refresh.
+
+Real processes (`pleo-proxy run`, `pleo-proxy sandbox`), real signals, real traffic.
+The sandbox counts refresh grants and detects any reuse of a spent refresh token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+
+from tests.flows import grant_tokens, sandbox_config
+from tests.processes import (
+    free_port,
+    import_tokens,
+    sandbox_process,
+    start_proxy,
+    stop,
+    wait_for,
+    write_config,
+)
+from tests.sandboxes import get_stats, set_knobs
+
+SHARED_SECONDS = float(os.environ.get("PLEO_PROXY_SHARED_SECONDS", "60"))
+KILL_ROUNDS = int(os.environ.get("PLEO_PROXY_KILL_ROUNDS", "20"))
+
+
+async def _authorise_shared_store(sandbox_url: str, config_file: Path, state_dir: Path) -> None:
+    config = sandbox_config(sandbox_url, state_dir)
+    tokens = await grant_tokens(config, now=time.time())
+    await asyncio.to_thread(import_tokens, config_file, tokens)
+
+
+async def _traffic(ports: list[int], until: float, results: Counter[str], workers: int) -> None:
+    async def worker(index: int) -> None:
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < until:
+                port = ports[index % len(ports)]
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/v1/introspect") as resp:
+                        await resp.read()
+                        results[str(resp.status)] += 1
+                except aiohttp.ClientError as exc:
+                    results[type(exc).__name__] += 1
+
+    await asyncio.gather(*(worker(i) for i in range(workers)))
+
+
+async def test_four_processes_share_one_token_file(tmp_path: Path) -> None:
+    ports = [free_port() for _ in range(4)]
+    state_dir = tmp_path / "state"
+    with sandbox_process() as sandbox_url:
+        await set_knobs(sandbox_url, access_ttl=2)
+        configs = [
+            write_config(
+                tmp_path / f"proxy{i}.yaml", sandbox_url=sandbox_url, port=port, state_dir=state_dir
+            )
+            for i, port in enumerate(ports)
+        ]
+        await _authorise_shared_store(sandbox_url, configs[0], state_dir)
+        procs = [start_proxy(c) for c in configs]
+        try:
+            for port in ports:
+                await asyncio.to_thread(wait_for, f"http://127.0.0.1:{port}/_proxy/healthz")
+            results: Counter[str] = Counter()
+            await _traffic(ports, time.monotonic() + SHARED_SECONDS, results, workers=16)
+        finally:
+            for proc in procs:
+                stop(proc)
+        stats = await get_stats(sandbox_url)
+    assert set(results) == {"200"}, results
+    assert results["200"] > 1000
+    assert stats["reuse_detected"] == 0
+    # Access tokens lived 2 s: the connection was refreshed all along, by one process at a time.
+    assert stats["refresh_grants"] >= SHARED_SECONDS / 2
+    assert stats["refresh_grants"] <= SHARED_SECONDS * 2
+
+
+async def test_proxy_killed_around_refreshes_stays_authorised(tmp_path: Path) -> None:
+    port = free_port()
+    state_dir = tmp_path / "state"
+    with sandbox_process() as sandbox_url:
+        config_file = write_config(
+            tmp_path / "proxy.yaml", sandbox_url=sandbox_url, port=port, state_dir=state_dir
+        )
+        await set_knobs(sandbox_url, access_ttl=1)
+        await _authorise_shared_store(sandbox_url, config_file, state_dir)
+        rng = random.Random(os.environ.get("PLEO_PROXY_SEED", "kill"))
+        for _ in range(KILL_ROUNDS):
+            proc = start_proxy(config_file)
+            try:
+                await asyncio.to_thread(wait_for, f"http://127.0.0.1:{port}/v1/introspect")
+                results: Counter[str] = Counter()
+                traffic = asyncio.create_task(
+                    _traffic([port], time.monotonic() + 5, results, workers=4)
+                )
+                await asyncio.sleep(rng.uniform(0.1, 2.0))
+            finally:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=10)
+            traffic.cancel()
+            await asyncio.gather(traffic, return_exceptions=True)
+        # The last restart: still authorised, and no refresh token was ever presented twice.
+        proc = start_proxy(config_file)
+        try:
+            await asyncio.to_thread(wait_for, f"http://127.0.0.1:{port}/v1/introspect")
+            await asyncio.to_thread(wait_for, f"http://127.0.0.1:{port}/_proxy/readyz")
+        finally:
+            stop(proc)
+        stats = await get_stats(sandbox_url)
+    assert stats["reuse_detected"] == 0
+    assert stats["refresh_grants"] >= KILL_ROUNDS / 2
