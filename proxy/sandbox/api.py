@@ -209,7 +209,13 @@ async def _hash_body(request: web.Request) -> tuple[str, int]:
 async def upload(request: web.Request) -> web.Response:
     sha256, length = await _hash_body(request)
     result = {"sha256": sha256, "length": length}
-    request.app[STATE_KEY].stats.last_upload = {**result, "content_type": request.content_type}
+    # How the body arrived (Content-Length or chunked), so proxy tests can check streaming.
+    request.app[STATE_KEY].stats.last_upload = {
+        **result,
+        "content_type": request.content_type,
+        "content_length": request.content_length,
+        "chunked": "chunked" in request.headers.get("Transfer-Encoding", "").lower(),
+    }
     return web.json_response(result)
 
 

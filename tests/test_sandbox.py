@@ -1,0 +1,600 @@
+"""The bundled fake Pleo, driven over real HTTP the way a proxy and a browser would."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.sandbox import SandboxSettings, start_sandbox
+from tests.sandboxes import RunningSandbox, get_stats, reset_stats, revoke_all, sandbox, set_knobs
+
+__all__ = ["sandbox"]
+
+REDIRECT_URI = SandboxSettings().redirect_uris[0]
+BASIC = aiohttp.encode_basic_auth("sandbox-client", "sandbox-secret")
+TIMEOUT = aiohttp.ClientTimeout(total=30)
+CURSOR_RE = re.compile(r"^[A-Z2-7=~]+$")
+
+
+def new_verifier() -> str:
+    return secrets.token_urlsafe(48)
+
+
+def challenge(verifier: str) -> str:
+    digest = hashlib.sha256(verifier.encode()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def authorize_params(verifier: str, **overrides: str) -> dict[str, str]:
+    params = {
+        "response_type": "code",
+        "client_id": "sandbox-client",
+        "redirect_uri": REDIRECT_URI,
+        "scope": "users:read test:test",
+        "state": "st/ate with spaces&=?",
+        "code_challenge": challenge(verifier),
+        "code_challenge_method": "S256",
+    }
+    params.update(overrides)
+    return params
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        yield session
+
+
+async def consent_request_id(http: aiohttp.ClientSession, url: str, params: dict[str, str]) -> str:
+    async with http.get(f"{url}/oauth/authorize", params=params, allow_redirects=False) as r:
+        assert r.status == 200
+        page = await r.text()
+    assert 'action="/oauth/authorize/decision"' in page
+    assert 'value="approve"' in page
+    assert 'value="deny"' in page
+    found = re.search(r'name="request_id" value="([^"]+)"', page)
+    assert found is not None
+    return found.group(1)
+
+
+async def decide(http: aiohttp.ClientSession, url: str, request_id: str, decision: str) -> URL:
+    form = {"request_id": request_id, "decision": decision}
+    async with http.post(f"{url}/oauth/authorize/decision", data=form, allow_redirects=False) as r:
+        assert r.status == 302
+        return URL(r.headers["Location"])
+
+
+async def approved_code(http: aiohttp.ClientSession, url: str, verifier: str, **kw: str) -> str:
+    request_id = await consent_request_id(http, url, authorize_params(verifier, **kw))
+    location = await decide(http, url, request_id, "approve")
+    return location.query["code"]
+
+
+async def token_call(
+    http: aiohttp.ClientSession, url: str, form: dict[str, str], *, auth: str | None = BASIC
+) -> tuple[int, Any]:
+    headers = {"Authorization": auth} if auth is not None else {}
+    async with http.post(f"{url}/oauth/token", data=form, headers=headers) as r:
+        return r.status, await r.json()
+
+
+async def exchange(
+    http: aiohttp.ClientSession, url: str, code: str, verifier: str
+) -> tuple[int, Any]:
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": REDIRECT_URI,
+        "code_verifier": verifier,
+    }
+    return await token_call(http, url, form)
+
+
+async def obtain_tokens(
+    http: aiohttp.ClientSession, url: str, scope: str = "users:read test:test"
+) -> dict[str, Any]:
+    verifier = new_verifier()
+    code = await approved_code(http, url, verifier, scope=scope)
+    status, body = await exchange(http, url, code, verifier)
+    assert status == 200
+    return dict(body)
+
+
+async def refresh(http: aiohttp.ClientSession, url: str, refresh_token: str) -> tuple[int, Any]:
+    return await token_call(
+        http, url, {"grant_type": "refresh_token", "refresh_token": refresh_token}
+    )
+
+
+async def api_get(http: aiohttp.ClientSession, url: str, path: str, token: str) -> tuple[int, Any]:
+    async with http.get(f"{url}{path}", headers={"Authorization": f"Bearer {token}"}) as r:
+        return r.status, await r.json()
+
+
+# -- authorisation code flow ----------------------------------------------------------
+
+
+async def test_full_code_flow_over_http(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    verifier = new_verifier()
+    params = authorize_params(verifier)
+    request_id = await consent_request_id(http, sandbox.url, params)
+    location = await decide(http, sandbox.url, request_id, "approve")
+    assert str(location.with_query(None)) == REDIRECT_URI
+    assert location.query["state"] == params["state"]
+    status, tokens = await exchange(http, sandbox.url, location.query["code"], verifier)
+    assert status == 200
+    assert tokens["token_type"] == "Bearer"
+    assert tokens["expires_in"] == 900
+    assert tokens["scope"] == "users:read test:test"
+    assert tokens["access_token"] != tokens["refresh_token"]
+    status, info = await api_get(http, sandbox.url, "/v1/introspect", tokens["access_token"])
+    assert status == 200
+    assert info["data"]["authMethod"] == "OAUTH"
+    assert info["data"]["clientId"] == "sandbox-client"
+    assert info["data"]["scope"] == "users:read test:test"
+    assert info["data"]["subjectURN"] == f"urn:pleo:company:{SandboxSettings().company_id}"
+    stats = await get_stats(sandbox.url)
+    assert (stats["code_grants"], stats["active_grants"], stats["token_requests"]) == (1, 1, 1)
+
+
+async def test_deny_redirects_with_access_denied(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    params = authorize_params(new_verifier(), state="xyz")
+    request_id = await consent_request_id(http, sandbox.url, params)
+    location = await decide(http, sandbox.url, request_id, "deny")
+    assert dict(location.query) == {"error": "access_denied", "state": "xyz"}
+
+
+async def test_a_consent_decision_counts_once(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    request_id = await consent_request_id(http, sandbox.url, authorize_params(new_verifier()))
+    await decide(http, sandbox.url, request_id, "approve")
+    form = {"request_id": request_id, "decision": "approve"}
+    async with http.post(f"{sandbox.url}/oauth/authorize/decision", data=form) as r:
+        assert r.status == 400
+
+
+@pytest.mark.parametrize(
+    "override",
+    [{"client_id": "someone-else"}, {"redirect_uri": "http://localhost:8080/elsewhere"}],
+)
+async def test_unknown_client_or_redirect_uri_gets_a_page_not_a_redirect(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession, override: dict[str, str]
+) -> None:
+    params = authorize_params(new_verifier(), **override)
+    async with http.get(
+        f"{sandbox.url}/oauth/authorize", params=params, allow_redirects=False
+    ) as r:
+        assert r.status == 400
+        assert "Location" not in r.headers
+        assert r.content_type == "text/html"
+
+
+@pytest.mark.parametrize(
+    ("override", "error"),
+    [
+        ({"code_challenge_method": "plain"}, "invalid_request"),
+        ({"code_challenge": ""}, "invalid_request"),
+        ({"scope": "users:read admin:everything"}, "invalid_scope"),
+        ({"response_type": "token"}, "unsupported_response_type"),
+    ],
+)
+async def test_bad_authorize_requests_redirect_with_an_error(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession, override: dict[str, str], error: str
+) -> None:
+    params = authorize_params(new_verifier(), state="s1", **override)
+    async with http.get(
+        f"{sandbox.url}/oauth/authorize", params=params, allow_redirects=False
+    ) as r:
+        assert r.status == 302
+        location = URL(r.headers["Location"])
+    assert location.query["error"] == error
+    assert location.query["state"] == "s1"
+    assert "code" not in location.query
+
+
+async def test_auto_approve_knob_redirects_straight_back(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    await set_knobs(sandbox.url, auto_approve=True)
+    verifier = new_verifier()
+    params = authorize_params(verifier)
+    async with http.get(
+        f"{sandbox.url}/oauth/authorize", params=params, allow_redirects=False
+    ) as r:
+        assert r.status == 302
+        location = URL(r.headers["Location"])
+    assert location.query["state"] == params["state"]
+    status, _ = await exchange(http, sandbox.url, location.query["code"], verifier)
+    assert status == 200
+
+
+async def test_pkce_mismatch_is_invalid_grant(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    code = await approved_code(http, sandbox.url, new_verifier())
+    status, body = await exchange(http, sandbox.url, code, new_verifier())
+    assert (status, body["error"]) == (400, "invalid_grant")
+
+
+async def test_redirect_uri_must_match_the_authorize_request(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    other = "http://localhost:9999/_proxy/callback"
+    await set_knobs(sandbox.url, redirect_uris=[REDIRECT_URI, other])
+    verifier = new_verifier()
+    code = await approved_code(http, sandbox.url, verifier, redirect_uri=other)
+    status, body = await exchange(http, sandbox.url, code, verifier)  # sends REDIRECT_URI
+    assert (status, body["error"]) == (400, "invalid_grant")
+
+
+async def test_reused_code_is_refused_and_revokes_its_tokens(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    verifier = new_verifier()
+    code = await approved_code(http, sandbox.url, verifier)
+    status, tokens = await exchange(http, sandbox.url, code, verifier)
+    assert status == 200
+    status, body = await exchange(http, sandbox.url, code, verifier)
+    assert (status, body["error"]) == (400, "invalid_grant")
+    status, _ = await api_get(http, sandbox.url, "/v1/introspect", tokens["access_token"])
+    assert status == 401
+    status, body = await refresh(http, sandbox.url, tokens["refresh_token"])
+    assert (status, body["error"]) == (400, "invalid_grant")
+
+
+async def test_expired_code_is_invalid_grant(http: aiohttp.ClientSession) -> None:
+    running = await start_sandbox(SandboxSettings(code_ttl=0.2))
+    try:
+        verifier = new_verifier()
+        code = await approved_code(http, running.url, verifier)
+        await asyncio.sleep(0.3)
+        status, body = await exchange(http, running.url, code, verifier)
+        assert (status, body["error"]) == (400, "invalid_grant")
+    finally:
+        await running.close()
+
+
+# -- client authentication and grant types --------------------------------------------
+
+
+async def test_client_secret_post_is_refused(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    verifier = new_verifier()
+    code = await approved_code(http, sandbox.url, verifier)
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": REDIRECT_URI,
+        "code_verifier": verifier,
+        "client_id": "sandbox-client",
+        "client_secret": "sandbox-secret",
+    }
+    status, body = await token_call(http, sandbox.url, form, auth=None)
+    assert (status, body["error"]) == (401, "invalid_client")
+    status, body = await token_call(http, sandbox.url, form)  # Basic and body at once
+    assert (status, body["error"]) == (401, "invalid_client")
+    assert (await get_stats(sandbox.url))["code_grants"] == 0
+
+
+async def test_wrong_client_secret_is_invalid_client(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    form = {"grant_type": "refresh_token", "refresh_token": "x"}
+    wrong = aiohttp.encode_basic_auth("sandbox-client", "guess")
+    async with http.post(
+        f"{sandbox.url}/oauth/token", data=form, headers={"Authorization": wrong}
+    ) as r:
+        assert r.status == 401
+        assert r.headers["WWW-Authenticate"].startswith("Basic")
+        assert (await r.json())["error"] == "invalid_client"
+
+
+@pytest.mark.parametrize(
+    ("form", "error"),
+    [({"grant_type": "password"}, "unsupported_grant_type"), ({}, "invalid_request")],
+)
+async def test_grant_type_errors(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession, form: dict[str, str], error: str
+) -> None:
+    status, body = await token_call(http, sandbox.url, {"scope": "x", **form})
+    assert (status, body["error"]) == (400, error)
+
+
+# -- rotation, reuse, expiry, revocation ----------------------------------------------
+
+
+async def test_refresh_rotates_both_tokens(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    old = await obtain_tokens(http, sandbox.url)
+    status, new = await refresh(http, sandbox.url, old["refresh_token"])
+    assert status == 200
+    assert new["refresh_token"] != old["refresh_token"]
+    assert (await api_get(http, sandbox.url, "/v1/introspect", old["access_token"]))[0] == 401
+    assert (await api_get(http, sandbox.url, "/v1/introspect", new["access_token"]))[0] == 200
+    status, _ = await refresh(http, sandbox.url, new["refresh_token"])
+    assert status == 200
+    stats = await get_stats(sandbox.url)
+    assert (stats["refresh_grants"], stats["reuse_detected"]) == (2, 0)
+
+
+async def test_reusing_a_refresh_token_revokes_the_whole_grant(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    old = await obtain_tokens(http, sandbox.url)
+    _, new = await refresh(http, sandbox.url, old["refresh_token"])
+    status, body = await refresh(http, sandbox.url, old["refresh_token"])
+    assert (status, body["error"]) == (400, "invalid_grant")
+    assert (await api_get(http, sandbox.url, "/v1/introspect", new["access_token"]))[0] == 401
+    status, body = await refresh(http, sandbox.url, new["refresh_token"])
+    assert (status, body["error"]) == (400, "invalid_grant")
+    stats = await get_stats(sandbox.url)
+    assert (stats["reuse_detected"], stats["active_grants"]) == (1, 0)
+
+
+async def test_expired_access_token_is_401(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    await set_knobs(sandbox.url, access_ttl=1)
+    tokens = await obtain_tokens(http, sandbox.url)
+    assert tokens["expires_in"] == 1
+    await asyncio.sleep(1.2)
+    status, body = await api_get(http, sandbox.url, "/v1/introspect", tokens["access_token"])
+    assert (status, body["type"]) == (401, "unauthorized")
+
+
+async def test_revoke_knob_ends_every_grant(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    tokens = await obtain_tokens(http, sandbox.url)
+    await revoke_all(sandbox.url)
+    assert (await api_get(http, sandbox.url, "/v1/introspect", tokens["access_token"]))[0] == 401
+    status, body = await refresh(http, sandbox.url, tokens["refresh_token"])
+    assert (status, body["error"]) == (400, "invalid_grant")
+    stats = await get_stats(sandbox.url)
+    # A revoked grant's current refresh token is not a replay.
+    assert (stats["active_grants"], stats["reuse_detected"]) == (0, 0)
+
+
+# -- API ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer sbx_at_unknown", "Basic abc"])
+async def test_api_without_a_valid_bearer_is_401(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession, authorization: str | None
+) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    async with http.get(f"{sandbox.url}/v2/employees", headers=headers) as r:
+        assert r.status == 401
+        assert (await r.json())["type"] == "unauthorized"
+    assert (await get_stats(sandbox.url))["api_by_path"] == {"/v2/employees": 1}
+
+
+async def test_missing_scope_is_403(sandbox: RunningSandbox, http: aiohttp.ClientSession) -> None:
+    tokens = await obtain_tokens(http, sandbox.url, scope="test:test")
+    status, body = await api_get(http, sandbox.url, "/v2/employees", tokens["access_token"])
+    assert (status, body["type"]) == (403, "forbidden")
+    assert (await api_get(http, sandbox.url, "/v1/introspect", tokens["access_token"]))[0] == 200
+
+
+async def test_employee_pagination_walk(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    token = (await obtain_tokens(http, sandbox.url))["access_token"]
+    seen: list[str] = []
+    path = "/v2/employees?limit=10"
+    pagination: dict[str, Any] = {}
+    for _ in range(5):
+        status, page = await api_get(http, sandbox.url, path, token)
+        assert status == 200
+        pagination = page["pagination"]
+        assert pagination["total"] == 25
+        assert pagination["hasPreviousPage"] == bool(seen)
+        assert CURSOR_RE.match(pagination["endCursor"])
+        seen += [e["id"] for e in page["data"]]
+        if not pagination["hasNextPage"]:
+            break
+        path = f"/v2/employees?limit=10&after={pagination['endCursor']}"
+    assert len(seen) == len(set(seen)) == 25
+    back = f"/v2/employees?limit=10&before={pagination['startCursor']}"
+    status, page = await api_get(http, sandbox.url, back, token)
+    assert [e["id"] for e in page["data"]] == seen[10:20]
+    status, body = await api_get(http, sandbox.url, "/v2/employees?after=NOTACURSOR1", token)
+    assert (status, body["type"]) == (400, "bad_request")
+
+
+async def test_large_attachment_streams_with_exact_content(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    token = (await obtain_tokens(http, sandbox.url))["access_token"]
+    size = 50 * 1024 * 1024 + 7
+    pattern = bytes(range(256)) * 1024  # byte i of the body is i % 256
+    offset = 0
+    headers = {"Authorization": f"Bearer {token}"}
+    async with http.get(f"{sandbox.url}/v1/attachments/{size}", headers=headers) as r:
+        assert r.status == 200
+        assert r.content_length == size
+        async for chunk in r.content.iter_chunked(64 * 1024):
+            start = offset % 256
+            assert chunk == pattern[start : start + len(chunk)]
+            offset += len(chunk)
+    assert offset == size
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+async def test_upload_is_hashed_as_it_streams(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession, chunked: bool
+) -> None:
+    token = (await obtain_tokens(http, sandbox.url))["access_token"]
+    parts = [secrets.token_bytes(256 * 1024) for _ in range(12)]
+    expected = hashlib.sha256(b"".join(parts)).hexdigest()
+
+    async def stream() -> AsyncIterator[bytes]:
+        for part in parts:
+            yield part
+
+    data: Any = stream() if chunked else io.BytesIO(b"".join(parts))  # BytesIO: Content-Length
+    headers = {"Authorization": f"Bearer {token}"}
+    async with http.post(f"{sandbox.url}/v1/uploads", data=data, headers=headers) as r:
+        assert r.status == 200
+        assert await r.json() == {"sha256": expected, "length": 12 * 256 * 1024}
+    last = (await get_stats(sandbox.url))["last_upload"]
+    assert last["sha256"] == expected
+    assert last["chunked"] is chunked
+    assert last["content_length"] == (None if chunked else 12 * 256 * 1024)
+
+
+async def test_echo_keeps_raw_path_headers_and_sets_two_cookies(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    token = (await obtain_tokens(http, sandbox.url))["access_token"]
+    raw = "/v1/echo/a%2Fb/entries:search?q=%2F&q=x"
+    headers = CIMultiDict([("Authorization", f"Bearer {token}"), ("X-Rep", "1"), ("X-Rep", "2")])
+    url = URL(sandbox.url + raw, encoded=True)
+    async with http.request("PATCH", url, data=b"hello", headers=headers) as r:
+        assert r.status == 200
+        assert r.headers.getall("Set-Cookie") == ["sbx_a=1; Path=/", "sbx_b=2; Path=/"]
+        body = await r.json()
+    assert body["method"] == "PATCH"
+    assert body["raw_path"] == raw
+    assert [v for k, v in body["headers"] if k == "X-Rep"] == ["1", "2"]
+    assert body["body_sha256"] == hashlib.sha256(b"hello").hexdigest()
+    assert body["body_length"] == 5
+
+
+async def test_accounting_entries_search_with_colon(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    token = (await obtain_tokens(http, sandbox.url))["access_token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    search = f"{sandbox.url}/v1/accounting-entries:search?limit=5"
+    async with http.post(search, json={"filter": {"a": 1}}, headers=headers) as r:
+        assert r.status == 200
+        body = await r.json()
+    assert body["request"] == {"query": {"limit": ["5"]}, "body": {"filter": {"a": 1}}}
+    assert body["data"] == []
+
+
+# -- knobs ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["500", "503", "429"])
+async def test_token_failures_fail_the_next_calls_then_recover(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession, mode: str
+) -> None:
+    tokens = await obtain_tokens(http, sandbox.url)
+    await set_knobs(sandbox.url, token_failures=2, token_failure_mode=mode)
+    for _ in range(2):
+        status, _ = await refresh(http, sandbox.url, tokens["refresh_token"])
+        assert status == int(mode)
+    status, _ = await refresh(http, sandbox.url, tokens["refresh_token"])
+    assert status == 200  # the failed calls did not spend the refresh token
+
+
+async def test_timeout_mode_outlasts_a_short_client_timeout(sandbox: RunningSandbox) -> None:
+    await set_knobs(sandbox.url, token_failures=1, token_failure_mode="timeout")
+    short = aiohttp.ClientTimeout(total=0.5)
+    started = time.monotonic()
+    async with aiohttp.ClientSession(timeout=short) as session:
+        with pytest.raises(asyncio.TimeoutError):
+            await token_call(session, sandbox.url, {"grant_type": "refresh_token"})
+    assert time.monotonic() - started < 5
+
+
+async def test_close_does_not_wait_for_a_timeout_mode_call() -> None:
+    running = await start_sandbox()
+    await set_knobs(running.url, token_failures=1, token_failure_mode="timeout")
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        call = asyncio.create_task(token_call(session, running.url, {}))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await running.close()
+        assert time.monotonic() - started < 5
+        status, _ = await call
+    assert status == 503
+
+
+async def test_garbage_mode_answers_200_with_non_json(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    await set_knobs(sandbox.url, token_failures=1, token_failure_mode="garbage")
+    async with http.post(
+        f"{sandbox.url}/oauth/token", data={}, headers={"Authorization": BASIC}
+    ) as r:
+        assert r.status == 200
+        with pytest.raises(aiohttp.ContentTypeError):
+            await r.json()
+
+
+async def test_reset_mode_drops_the_connection(sandbox: RunningSandbox) -> None:
+    await set_knobs(sandbox.url, token_failures=1, token_failure_mode="reset")
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await token_call(session, sandbox.url, {"grant_type": "refresh_token"})
+
+
+async def test_no_refresh_token_mode_still_rotates(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    old = await obtain_tokens(http, sandbox.url)
+    await set_knobs(sandbox.url, token_failures=1, token_failure_mode="no_refresh_token")
+    status, new = await refresh(http, sandbox.url, old["refresh_token"])
+    assert status == 200
+    assert "refresh_token" not in new
+    assert (await api_get(http, sandbox.url, "/v1/introspect", new["access_token"]))[0] == 200
+    status, body = await refresh(http, sandbox.url, old["refresh_token"])
+    assert (status, body["error"]) == (400, "invalid_grant")
+
+
+async def test_api_401_once(sandbox: RunningSandbox, http: aiohttp.ClientSession) -> None:
+    token = (await obtain_tokens(http, sandbox.url))["access_token"]
+    await set_knobs(sandbox.url, api_401_once=True)
+    assert (await api_get(http, sandbox.url, "/v1/introspect", token))[0] == 401
+    assert (await api_get(http, sandbox.url, "/v1/introspect", token))[0] == 200
+
+
+async def test_latency_knob_slows_the_api(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    token = (await obtain_tokens(http, sandbox.url))["access_token"]
+    await set_knobs(sandbox.url, latency=0.3)
+    started = time.monotonic()
+    assert (await api_get(http, sandbox.url, "/v1/introspect", token))[0] == 200
+    assert time.monotonic() - started >= 0.3
+
+
+@pytest.mark.parametrize(
+    "knobs", [{"no_such_knob": 1}, {"token_failures": -1}, {"token_failure_mode": "explode"}]
+)
+async def test_bad_knobs_are_refused(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession, knobs: dict[str, object]
+) -> None:
+    async with http.post(f"{sandbox.url}/_sandbox/knobs", json=knobs) as r:
+        assert r.status == 400
+    async with http.get(f"{sandbox.url}/_sandbox/knobs") as r:
+        assert (await r.json())["token_failures"] == 0
+
+
+async def test_reset_stats(sandbox: RunningSandbox, http: aiohttp.ClientSession) -> None:
+    await obtain_tokens(http, sandbox.url)
+    await reset_stats(sandbox.url)
+    stats = await get_stats(sandbox.url)
+    assert (stats["code_grants"], stats["token_requests"], stats["active_grants"]) == (0, 0, 1)
