@@ -601,11 +601,25 @@ def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Conf
             [Problem(FILE_PROBLEM_PATH, f"cannot read {str(path)!r}: {reason}")]
         ) from None
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError([Problem(FILE_PROBLEM_PATH, _yaml_message(exc))]) from None
     env = os.environ if environ is None else environ
     return parse_config(doc, base_dir=path.absolute().parent, environ=env)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys, which PyYAML would silently let the last win."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                message = f"duplicate key {key!r}"
+                raise yaml.constructor.ConstructorError(None, None, message, key_node.start_mark)
+            seen.add(key if isinstance(key, str) else id(key_node))
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_message(exc: yaml.YAMLError) -> str:

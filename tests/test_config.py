@@ -599,3 +599,22 @@ def test_relative_paths_resolve_against_the_config_file_dir(tmp_path: Path) -> N
     config = load_config(config_file, environ={"HOME": "/h"})
     assert config.tokens.path == tmp_path / "etc" / "../state/t.enc"
     assert config.tokens.key_file == tmp_path / "etc" / "../state/tokens.key"
+
+
+def test_duplicate_keys_are_refused_with_their_line(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(
+        "pleo: {client_id: c, client_secret: s}\nlisten: {port: 1}\npleo: {client_id: d}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "c.yaml", environ={})
+    assert [str(p) for p in info.value.problems] == [
+        "(file): invalid YAML at line 3, column 1: duplicate key 'pleo'"
+    ]
+
+
+def test_yaml_tags_that_build_objects_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("pleo: !!python/object/apply:os.getcwd []\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "c.yaml", environ={})
+    [problem] = info.value.problems
+    assert problem.message.startswith("invalid YAML at line 1, column 7: ")
