@@ -17,7 +17,7 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.sandbox import SandboxSettings, start_sandbox
+from proxy.sandbox import SandboxSettings, serve_sandbox_forever, start_sandbox
 from tests.sandboxes import RunningSandbox, get_stats, reset_stats, revoke_all, sandbox, set_knobs
 
 __all__ = ["sandbox"]
@@ -598,3 +598,25 @@ async def test_reset_stats(sandbox: RunningSandbox, http: aiohttp.ClientSession)
     await reset_stats(sandbox.url)
     stats = await get_stats(sandbox.url)
     assert (stats["code_grants"], stats["token_requests"], stats["active_grants"]) == (0, 0, 1)
+
+
+async def test_serve_forever_prints_its_url_and_stops_on_cancel(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    task = asyncio.create_task(serve_sandbox_forever(SandboxSettings(), host="127.0.0.1", port=0))
+    printed = ""
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        printed += capsys.readouterr().out
+        if printed:
+            break
+    found = re.search(r"http://127\.0\.0\.1:\d+", printed)
+    assert found is not None
+    stats = await get_stats(found.group(0))
+    assert stats["token_requests"] == 0
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await session.get(f"{found.group(0)}/_sandbox/stats")
