@@ -1,0 +1,220 @@
+"""Assembly of the aiohttp application: routes, middlewares, long-lived resources, serving.
+
+Owns the route table (reserved `/_proxy/*` paths, then the catch-all forwarder), the
+middleware order (guard → JSON errors), the `cleanup_ctx` resources (upstream
+`ClientSession`, credential source) and `serve()` with a graceful shutdown.
+Must not forward or refresh itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import signal
+import ssl
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from proxy.config import Config
+from proxy.credentials import ApiKeySource, CredentialSource
+from proxy.errors import ProxyError
+from proxy.forward import defer_continue, forward
+from proxy.guard import REFUSALS_KEY, Policy, guard_middleware
+from proxy.keys import CLOCK_KEY, CONFIG_KEY, CREDENTIALS_KEY, UPSTREAM_SESSION_KEY
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Upstream pool: enough for bursts of concurrent API calls, small enough to be polite.
+UPSTREAM_CONNECTION_LIMIT = 100
+UPSTREAM_KEEPALIVE_SECONDS = 30.0
+# The client adds none of its own: the upstream sees what our client sent.
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept-Encoding", "Content-Type")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process serves requests."""
+    return web.json_response({"status": "ok"})
+
+
+async def reserved_not_found(request: web.Request) -> web.Response:
+    """Unknown `/_proxy/...` path: ours, so never forwarded."""
+    return web.json_response(
+        {"error": "not_found", "detail": "no such proxy endpoint"},
+        status=404,
+    )
+
+
+def reserved_routes(config: Config) -> list[web.RouteDef]:
+    """The proxy's own endpoints under `/_proxy/`. Adding one is adding a line here."""
+    return [
+        web.get("/_proxy/healthz", healthz),
+    ]
+
+
+def _routes(config: Config) -> list[web.RouteDef]:
+    # Order matters: reserved paths, then the reserved fallback, then the forwarder.
+    return [
+        *reserved_routes(config),
+        web.route("*", "/_proxy/{tail:.*}", reserved_not_found),
+        web.route("*", "/{tail:.*}", forward, expect_handler=defer_continue),
+    ]
+
+
+def _error_slug(reason: str) -> str:
+    return reason.strip().lower().replace(" ", "_").replace("-", "_")
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """ProxyError → its status and body; HTTPException → JSON; anything else → 500."""
+    try:
+        return await handler(request)
+    except ProxyError as err:
+        return web.json_response(err.body(), status=err.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise  # redirects and the like are answers, not errors
+        body = {"error": _error_slug(exc.reason), "detail": exc.reason}
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        return web.json_response(body, status=exc.status, headers=headers)
+    except Exception:
+        # The exception text may name internals; the client learns only that it failed.
+        log.exception("unhandled error while handling %s %s", request.method, request.path)
+        return web.json_response(
+            {"error": "internal_error", "detail": "internal error"}, status=500
+        )
+
+
+def upstream_ssl_context(config: Config) -> ssl.SSLContext:
+    """The system trust store, plus `pleo.ca_file` (a corporate TLS-inspecting CA) if set."""
+    context = ssl.create_default_context()
+    if config.pleo.ca_file is not None:
+        context.load_verify_locations(cafile=str(config.pleo.ca_file))
+    return context
+
+
+def upstream_session(config: Config) -> aiohttp.ClientSession:
+    """The one upstream session: raw bytes, no cookies, no headers of its own."""
+    connector = aiohttp.TCPConnector(
+        limit=UPSTREAM_CONNECTION_LIMIT,
+        keepalive_timeout=UPSTREAM_KEEPALIVE_SECONDS,
+        ssl=upstream_ssl_context(config),
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        trust_env=True,  # HTTPS_PROXY / NO_PROXY on corporate networks
+        # Set-Cookie must reach the client, never be replayed by us on others' requests.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=SKIP_AUTO_HEADERS,
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=config.timeouts.connect, sock_read=config.timeouts.read
+        ),
+    )
+
+
+async def _upstream_session_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with upstream_session(app[CONFIG_KEY]) as session:
+        app[UPSTREAM_SESSION_KEY] = session
+        yield
+
+
+async def _token_manager_ctx(app: web.Application) -> AsyncIterator[None]:
+    """OAuth mode: open the store and start the TokenManager (HOOK for the lead engineer).
+
+    TODO(lead): blocked on proxy.store.open_store and TokenManager.start/close: create
+    the store and `TokenManager(config, store, app[UPSTREAM_SESSION_KEY], clock=...)`,
+    `await manager.start()`, set `app[TOKENS_KEY]` and `app[CREDENTIALS_KEY]`, `yield`,
+    then `await manager.close()` and close the store.
+    """
+    if CREDENTIALS_KEY not in app:
+        raise ProxyError("OAuth mode is not wired yet")
+    yield
+
+
+def _install_credentials(app: web.Application, credentials: CredentialSource | None) -> None:
+    config = app[CONFIG_KEY]
+    if credentials is not None:
+        app[CREDENTIALS_KEY] = credentials
+    elif config.pleo.api_key is not None:
+        app[CREDENTIALS_KEY] = ApiKeySource(config.pleo.api_key)
+    else:
+        # Needs the upstream session, so it runs after _upstream_session_ctx.
+        app.cleanup_ctx.append(_token_manager_ctx)
+
+
+def build_app(
+    config: Config,
+    *,
+    credentials: CredentialSource | None = None,
+    clock: Callable[[], float] = time.time,
+) -> web.Application:
+    """The proxy as an aiohttp application; `credentials` overrides the config's mode."""
+    # Guard first: a refused request must not reach anything, error handling included.
+    app = web.Application(middlewares=[guard_middleware(Policy.from_config(config)), json_errors])
+    app[CONFIG_KEY] = config
+    app[CLOCK_KEY] = clock
+    app[REFUSALS_KEY] = collections.Counter()
+    app.cleanup_ctx.append(_upstream_session_ctx)
+    _install_credentials(app, credentials)
+    app.add_routes(_routes(config))
+    return app
+
+
+def _bound_addresses(runner: web.AppRunner) -> list[tuple[str, int]]:
+    return [(str(addr[0]), int(addr[1])) for addr in runner.addresses]
+
+
+@contextlib.contextmanager
+def _signals_set(stop: asyncio.Event) -> collections.abc.Iterator[None]:
+    """SIGTERM/SIGINT set `stop` while serving (main thread only: asyncio's rule)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    signums = (signal.SIGTERM, signal.SIGINT)
+    for signum in signums:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        yield
+    finally:
+        for signum in signums:
+            loop.remove_signal_handler(signum)
+
+
+async def serve(
+    config: Config,
+    *,
+    credentials: CredentialSource | None = None,
+    on_listening: Callable[[list[tuple[str, int]]], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until `stop` is set or SIGTERM/SIGINT, then shut down gracefully.
+
+    Shutdown stops accepting, lets in-flight requests finish for up to
+    `timeouts.shutdown` seconds, cancels the rest, then closes the upstream session.
+    """
+    stop = stop if stop is not None else asyncio.Event()
+    runner = web.AppRunner(
+        build_app(config, credentials=credentials),
+        # A client that goes away cancels its handler, and so its upstream request.
+        handler_cancellation=True,
+        shutdown_timeout=config.timeouts.shutdown,
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.listen.host, config.listen.port).start()
+        if on_listening is not None:
+            on_listening(_bound_addresses(runner))
+        with _signals_set(stop):
+            await stop.wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,176 @@
+"""Test support: run the proxy under test, in this process or in a child process.
+
+`run_proxy_app()` serves `build_app()` on a loopback port 0 (aiohttp TestServer).
+`run_child()` starts `python -m <module>` that prints `LISTENING <port>` (the proxy:
+`python -m tests.proxyproc <config-json>`; the bulk upstream: `tests.upstreams`) and
+reads its peak RSS from /proc. `RecordingCredentials` is a credential-source stand-in
+that records every call (it stands in for the token manager, not for our own code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestServer
+
+from proxy.app import build_app, serve
+from proxy.config import Config, Listen, Pleo, Refresh, Timeouts
+from proxy.credentials import CredentialSource
+from proxy.secret import Secret
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+
+
+@dataclass
+class RecordingCredentials:
+    """Hands out `Bearer <tokens[0]>`; `on_rejected` moves to the next token, if any."""
+
+    tokens: list[str] = field(default_factory=lambda: ["token-1", "token-2"])
+    renew: bool = True
+    authorization_calls: list[bool] = field(default_factory=list)  # the `replayable` flags
+    rejected: list[str] = field(default_factory=list)
+
+    @property
+    def calls(self) -> int:
+        return len(self.authorization_calls) + len(self.rejected)
+
+    async def authorization(self, *, replayable: bool = True) -> Secret:
+        self.authorization_calls.append(replayable)
+        return Secret(f"Bearer {self.tokens[0]}")
+
+    async def on_rejected(self, sent: Secret) -> Secret | None:
+        self.rejected.append(sent.reveal())
+        if not self.renew or len(self.tokens) < 2:
+            return None
+        self.tokens.pop(0)
+        return Secret(f"Bearer {self.tokens[0]}")
+
+
+def proxy_config(api_url: str, **overrides: Any) -> Config:
+    """A config for tests: loopback, port 0, the given upstream; sections overridable."""
+    sections: dict[str, Any] = {
+        "listen": Listen(host="127.0.0.1", port=0),
+        "pleo": Pleo(api_url=api_url),
+        "refresh": Refresh(),
+        "timeouts": Timeouts(connect=5.0, read=10.0, shutdown=5.0),
+    }
+    sections.update(overrides)
+    return Config(**sections)
+
+
+@asynccontextmanager
+async def run_proxy_app(
+    config: Config, credentials: CredentialSource | None = None
+) -> AsyncIterator[TestServer]:
+    """`build_app(config)` on 127.0.0.1 port 0, cancelling handlers as `serve()` does."""
+    server = TestServer(
+        build_app(config, credentials=credentials),
+        host="127.0.0.1",
+        port=0,
+        handler_cancellation=True,
+    )
+    await server.start_server()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+@dataclass
+class Child:
+    process: asyncio.subprocess.Process
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def peak_rss_bytes(self) -> int:
+        """VmHWM: the child's peak resident set size so far."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmHWM in /proc status")
+
+
+@asynccontextmanager
+async def run_child(module: str, *args: str) -> AsyncIterator[Child]:
+    """Run `python -m module args…` until it prints `LISTENING <port>`; SIGTERM on exit."""
+    env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", module, *args, cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT)
+        word, _, port = line.decode().partition(" ")
+        assert word == "LISTENING", f"{module} did not start: {line!r}"
+        yield Child(process, int(port))
+    finally:
+        await _stop(process)
+
+
+async def _stop(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+@dataclass(frozen=True)
+class RawResponse:
+    status: int
+    head: bytes
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def raw_http(port: int, data: bytes, *, timeout: float = 5.0) -> RawResponse:
+    """Send `data` as it is (no client library in between) and read until the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return RawResponse(int(head.split(b" ", 2)[1]), head, body)
+
+
+def child_config_json(api_url: str, *, api_key: str) -> str:
+    return json.dumps({"api_url": api_url, "api_key": api_key})
+
+
+def _child_config(raw: str) -> Config:
+    data = json.loads(raw)
+    return proxy_config(
+        data["api_url"], pleo=Pleo(api_url=data["api_url"], api_key=Secret(data["api_key"]))
+    )
+
+
+def _announce(addresses: list[tuple[str, int]]) -> None:
+    print(f"LISTENING {addresses[0][1]}", flush=True)
+
+
+if __name__ == "__main__":
+    # The proxy child: serve() until SIGTERM, which it handles gracefully itself.
+    asyncio.run(serve(_child_config(sys.argv[1]), on_listening=_announce))
