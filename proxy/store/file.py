@@ -142,14 +142,14 @@ class FileStore:
 
     def _verify_sync(self) -> None:
         directory = self._path.parent
-        ensure_dir(directory)
         probe = directory / f".{self._path.name}.{secrets.token_hex(6)}.probe"
         try:
+            ensure_dir(directory)
             write_private(probe, b"")
             probe.unlink()
         except OSError as exc:
             raise StoreError(
-                f"token directory {directory} is not writable: {exc.strerror}"
+                f"token directory {directory} is not writable: {_reason(exc)}"
             ) from None
         self._keys(create=True)
         self._load_sync()
@@ -264,6 +264,8 @@ def ensure_dir(directory: Path) -> None:
     try:
         directory.mkdir(mode=0o700, parents=True)
     except FileExistsError:
+        if not directory.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
         return
     os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask: be exact
 

@@ -448,8 +448,11 @@ async def test_verify_fails_when_directory_cannot_exist(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the state directory should be")
     store = FileStore(blocker / "tokens.enc", key_file=blocker / "tokens.key", environ={})
-    with pytest.raises(StoreError, match=str(blocker)):
+    with pytest.raises(StoreError) as caught:
         await store.verify()
-    with pytest.raises(StoreError, match=str(blocker)):
+    assert caught.value.detail == f"token directory {blocker} is not writable: Not a directory"
+    with pytest.raises(StoreError) as caught:
         await store.save(sample_state(1))
+    # Saving needs the key first, and the key file cannot exist there either.
+    assert caught.value.detail == f"cannot open key file {blocker / 'tokens.key'}: Not a directory"
     await store.close()
