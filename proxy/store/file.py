@@ -249,7 +249,15 @@ async def rotate_key(
     store = FileStore(config.tokens.path, key_file=config.tokens.key_file, environ=env)
     try:
         async with store.lock(lock_timeout):
-            return await asyncio.to_thread(store._rotate_sync)
+            work = asyncio.ensure_future(asyncio.to_thread(store._rotate_sync))
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # A thread cannot be stopped: hold the lock until its writes are done.
+                await asyncio.wait([work])
+                if not work.cancelled():
+                    work.exception()  # retrieved: the cancellation is what we report
+                raise
     finally:
         await store.close()
 
