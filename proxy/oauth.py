@@ -180,12 +180,12 @@ async def _post_token(
         return response.status, body, response.headers.get("Retry-After")
 
 
-async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
+async def _read_bounded(response: aiohttp.ClientResponse, what: str = "token endpoint") -> bytes:
     buf = bytearray()
     async for chunk in response.content.iter_chunked(16 * 1024):
         buf += chunk
         if len(buf) > MAX_RESPONSE_BYTES:
-            raise TransientOAuthError("token endpoint answer exceeds the size limit")
+            raise TransientOAuthError(f"{what} answer exceeds the size limit")
     return bytes(buf)
 
 
@@ -373,7 +373,7 @@ async def introspect(
             allow_redirects=False,
         ) as response,
     ):
-        body = await _read_bounded(response)
+        body = await _read_bounded(response, "introspection")
         status = response.status
     if status != 200:
         raise TransientOAuthError(f"introspection answered HTTP {status}")
