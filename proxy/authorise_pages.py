@@ -195,7 +195,10 @@ def security_headers(form_origin: str) -> dict[str, str]:
 
     `form-action` must allow Pleo's authorise origin too: Chromium checks form-action
     against every redirect a form submission follows, and the button's POST is answered
-    with a 302 to Pleo.
+    with a 302 to Pleo. The referrer policy is `same-origin`, not `no-referrer`: under
+    `no-referrer` browsers send `Origin: null` even on a same-origin form POST (Fetch,
+    "serializing a request origin"), which the guard rightly refuses as cross-site.
+    `same-origin` still sends nothing to Pleo, so the page's setup code never leaves.
     """
     return {
         "Content-Security-Policy": (
@@ -203,7 +206,7 @@ def security_headers(form_origin: str) -> dict[str, str]:
             f"form-action 'self' {form_origin}; frame-ancestors 'none'; base-uri 'none'"
         ),
         "X-Frame-Options": "DENY",
-        "Referrer-Policy": "no-referrer",
+        "Referrer-Policy": "same-origin",
         "Cache-Control": "no-store",
         "X-Content-Type-Options": "nosniff",
     }

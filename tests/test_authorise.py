@@ -214,7 +214,7 @@ async def test_page_shows_what_will_be_connected(sandbox: RunningSandbox, tmp_pa
         assert f"form-action 'self' {sandbox.url}" in csp
         assert "frame-ancestors 'none'" in csp
         assert headers["X-Frame-Options"] == "DENY"
-        assert headers["Referrer-Policy"] == "no-referrer"
+        assert headers["Referrer-Policy"] == "same-origin"
         assert headers["Cache-Control"] == "no-store"
         assert "<script" not in body
 
