@@ -143,17 +143,35 @@ class RawResponse:
 
 
 async def raw_http(port: int, data: bytes, *, timeout: float = 5.0) -> RawResponse:
-    """Send `data` as it is (no client library in between) and read until the server closes."""
+    """Send `data` as it is (no client library in between); read one response.
+
+    The body is read by Content-Length when there is one (a server may linger on a
+    connection whose request body it never read), else until the server closes; send
+    `Connection: close`.
+    """
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(data)
         await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), timeout)
+        async with asyncio.timeout(timeout):
+            head = (await reader.readuntil(b"\r\n\r\n"))[:-4]
+            status = int(head.split(b" ", 2)[1])
+            # Bodyless answers: read to EOF (Connection: close), so stray bytes would show.
+            bodyless = data.startswith(b"HEAD ") or status in (204, 304)
+            length = None if bodyless else _content_length(head)
+            body = await (reader.readexactly(length) if length is not None else reader.read())
     finally:
         writer.close()
         await writer.wait_closed()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return RawResponse(int(head.split(b" ", 2)[1]), head, body)
+    return RawResponse(status, head, body)
+
+
+def _content_length(head: bytes) -> int | None:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value.strip())
+    return None
 
 
 def child_config_json(api_url: str, *, api_key: str) -> str:
