@@ -339,6 +339,10 @@ async def get_callback(request: web.Request) -> web.Response:
     return await _finish(request, request.query)
 
 
+async def head_callback(request: web.Request) -> web.Response:
+    return web.Response(status=405, headers={"Allow": "GET, POST"})
+
+
 async def post_callback(request: web.Request) -> web.Response:
     """The paste flow: the address Pleo sent the browser to, checked exactly as a GET."""
     form = await request.post()
@@ -358,6 +362,8 @@ def authorise_routes() -> list[web.RouteDef]:
     return [
         web.get(AUTHORIZE_PATH, get_authorize),
         web.post(AUTHORIZE_PATH, post_authorize),
-        web.get(CALLBACK_PATH, get_callback),
+        # No implicit HEAD: a link checker's HEAD must not use up the flow.
+        web.get(CALLBACK_PATH, get_callback, allow_head=False),
+        web.head(CALLBACK_PATH, head_callback),
         web.post(CALLBACK_PATH, post_callback),
     ]

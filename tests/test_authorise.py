@@ -17,7 +17,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.authorise import AUTHORISER_KEY, Authoriser, read_authorize_url
+from proxy.authorise import (
+    AUTHORISER_KEY,
+    MAX_PENDING_FLOWS,
+    Authoriser,
+    read_authorize_url,
+)
 from proxy.authorise_pages import PAGE_HEADER
 from proxy.config import Config, Pleo
 from proxy.keys import TOKENS_KEY
@@ -275,6 +280,51 @@ async def test_button_redirects_to_pleo_with_pkce_and_a_lax_cookie(
         assert "max-age=600" in attributes
         assert "secure" not in attributes, "plain http redirect URI: no Secure"
         assert params["state"] not in cookies[0], "the cookie is a separate binding value"
+
+
+async def test_https_redirect_uri_makes_the_cookie_secure(
+    sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    def https(config: Config) -> Config:
+        redirect = f"https://localhost:{config.listen.port}/_proxy/callback"
+        return replace(config, pleo=replace(config.pleo, redirect_uri=redirect))
+
+    async with connected_world(sandbox, tmp_path, change=https) as (proxy, browser):
+        assert proxy.setup_url().startswith(f"https://localhost:{proxy.config.listen.port}/")
+        setup = parse_qs(urlsplit(proxy.setup_url()).query)["setup"][0]
+        async with browser.post(
+            f"{proxy.url}/_proxy/authorize", data={"setup": setup}, allow_redirects=False
+        ) as resp:
+            assert resp.status == 302
+            attributes = [a.strip().lower() for a in resp.headers["Set-Cookie"].split(";")]
+        assert "secure" in attributes
+
+
+async def test_pending_flows_are_bounded_oldest_first(
+    sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    async with connected_world(sandbox, tmp_path) as (proxy, browser):
+        states = []
+        for _ in range(MAX_PENDING_FLOWS + 1):
+            location = await press_button(proxy, browser)
+            states.append(parse_qs(urlsplit(location).query)["state"][0])
+        callback = f"{proxy.url}/_proxy/callback"
+        oldest = {"state": states[0], "code": "x" * 20}
+        assert (await fetch(browser, "GET", callback, params=oldest))[:2] == (400, "state_unknown")
+        # The newest is still pending: it passes the state checks and reaches Pleo, which
+        # refuses the made-up code.
+        newest = {"state": states[-1], "code": "not-a-code-pleo-issued"}
+        status, page, _ = await fetch(browser, "GET", callback, params=newest)
+        assert (status, page) == (400, "code_refused")
+        assert proxy.state() is TokenState.UNAUTHORISED
+
+
+async def test_head_does_not_use_up_the_flow(sandbox: RunningSandbox, tmp_path: Path) -> None:
+    async with connected_world(sandbox, tmp_path) as (proxy, browser):
+        callback = await visit_pleo(browser, await press_button(proxy, browser))
+        async with browser.head(callback, allow_redirects=False) as resp:
+            assert resp.status == 405
+        assert (await fetch(browser, "GET", callback))[:2] == (200, "connected")
 
 
 async def test_full_flow_connects_and_closes_the_page(
