@@ -162,9 +162,6 @@ class PendingFlows:
     def clear(self) -> None:
         self._flows.clear()
 
-    def __len__(self) -> int:
-        return len(self._flows)
-
     def _prune(self) -> None:
         now = self._clock()
         for state in [s for s, f in self._flows.items() if f.expires_at <= now]:
@@ -216,7 +213,11 @@ class Authoriser:
         return self._tokens.state in CONNECTED_STATES
 
     def on_state(self, state: TokenState) -> None:
-        """TokenManager listener: a new setup code on entering a state that needs consent."""
+        """TokenManager listener: a new setup code on entering a state that needs consent.
+
+        Called synchronously by the manager, so the URL file is written synchronously too:
+        a few bytes, once per state change, and done before anyone can ask for the URL.
+        """
         previous, self._last_state = self._last_state, state
         if state in CONNECTED_STATES:
             self._invalidate()
