@@ -96,6 +96,10 @@ class Child:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    async def stop(self) -> int:
+        """SIGTERM, wait (kill after STOP_TIMEOUT); the exit code (negative: killed)."""
+        return await _stop(self.process)
+
     def peak_rss_bytes(self) -> int:
         """VmHWM: the child's peak resident set size so far."""
         status = Path(f"/proc/{self.process.pid}/status").read_text()
@@ -122,14 +126,14 @@ async def run_child(module: str, *args: str) -> AsyncIterator[Child]:
         await _stop(process)
 
 
-async def _stop(process: asyncio.subprocess.Process) -> None:
+async def _stop(process: asyncio.subprocess.Process) -> int:
     if process.returncode is None:
         process.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
         except TimeoutError:
             process.kill()
-            await process.wait()
+    return await process.wait()
 
 
 @dataclass(frozen=True)
