@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from proxy.app import build_app, serve
 from proxy.config import Pleo, Timeouts
@@ -257,3 +265,98 @@ async def test_large_streams_through_a_child_proxy_in_bounded_memory(
             peak = proxy.peak_rss_bytes()
             assert await proxy.stop() == 0  # SIGTERM → graceful exit
     assert peak < 100 * MIB, f"proxy peak RSS {peak / MIB:.1f} MiB"
+
+
+def _write_tls_files(directory: Path) -> tuple[Path, ssl.SSLContext]:
+    """A throwaway CA (written to ca.pem) and a server context for 127.0.0.1 signed by it."""
+    now = datetime.now(UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pleo-proxy test CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_file = directory / "ca.pem"
+    ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    chain = directory / "server.pem"
+    chain.write_bytes(
+        leaf_cert.public_bytes(serialization.Encoding.PEM)
+        + leaf_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(chain)
+    return ca_file, server_context
+
+
+@pytest.fixture
+async def tls_upstream(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    ca_file, server_context = _write_tls_files(tmp_path)
+    app = web.Application()
+    app.router.add_get("/v1/me", _json_ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context).start()
+        yield f"https://127.0.0.1:{runner.addresses[0][1]}", ca_file
+    finally:
+        await runner.cleanup()
+
+
+async def _json_ok(request: web.Request) -> web.Response:
+    return web.json_response({"tls": True})
+
+
+@pytest.mark.parametrize("trust_ca", [True, False])
+async def test_ca_file_is_trusted_for_the_upstream(
+    tls_upstream: tuple[str, Path], client: aiohttp.ClientSession, trust_ca: bool
+) -> None:
+    url, ca_file = tls_upstream
+    config = replace(
+        proxy_config(url), pleo=Pleo(api_url=url, ca_file=ca_file if trust_ca else None)
+    )
+    async with (
+        run_proxy_app(config, RecordingCredentials()) as proxy,
+        client.get(proxy.make_url("/v1/me")) as response,
+    ):
+        body = await response.json()
+    if trust_ca:
+        assert (response.status, body) == (200, {"tls": True})
+    else:
+        # The system trust store alone does not know the test CA.
+        assert (response.status, body["error"]) == (502, "upstream_unreachable")
