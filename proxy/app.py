@@ -20,13 +20,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
+from proxy import sdnotify
+from proxy.access_log import AccessLogger, access_logger
+from proxy.admin import admin_routes
+from proxy.authorise import AUTHORISER_KEY, authorise_routes, authoriser_ctx
 from proxy.config import Config
 from proxy.credentials import ApiKeySource, CredentialSource
 from proxy.errors import ProxyError
 from proxy.forward import defer_continue, forward
 from proxy.guard import REFUSALS_KEY, Policy, guard_middleware
-from proxy.keys import CLOCK_KEY, CONFIG_KEY, CREDENTIALS_KEY, UPSTREAM_SESSION_KEY
+from proxy.keys import CLOCK_KEY, CONFIG_KEY, CREDENTIALS_KEY, TOKENS_KEY, UPSTREAM_SESSION_KEY
+from proxy.store import open_store
+from proxy.tokens import TokenManager
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +46,6 @@ UPSTREAM_KEEPALIVE_SECONDS = 30.0
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept-Encoding", "Content-Type")
 
 
-async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the process serves requests."""
-    return web.json_response({"status": "ok"})
-
-
 async def reserved_not_found(request: web.Request) -> web.Response:
     """Unknown `/_proxy/...` path: ours, so never forwarded."""
     return web.json_response(
@@ -54,9 +56,10 @@ async def reserved_not_found(request: web.Request) -> web.Response:
 
 def reserved_routes(config: Config) -> list[web.RouteDef]:
     """The proxy's own endpoints under `/_proxy/`. Adding one is adding a line here."""
-    return [
-        web.get("/_proxy/healthz", healthz),
-    ]
+    routes = list(admin_routes())
+    if not config.pleo.uses_api_key:
+        routes += authorise_routes()
+    return routes
 
 
 def _routes(config: Config) -> list[web.RouteDef]:
@@ -101,8 +104,17 @@ def upstream_ssl_context(config: Config) -> ssl.SSLContext:
     return context
 
 
+def environment_proxy(api_url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+    """The proxy HTTPS_PROXY/HTTP_PROXY name for `api_url`, unless NO_PROXY excludes it."""
+    try:
+        return aiohttp.helpers.get_env_proxy_for_url(URL(api_url))
+    except LookupError:
+        return None, None
+
+
 def upstream_session(config: Config) -> aiohttp.ClientSession:
     """The one upstream session: raw bytes, no cookies, no headers of its own."""
+    env_proxy, env_proxy_auth = environment_proxy(config.pleo.api_url)
     connector = aiohttp.TCPConnector(
         limit=UPSTREAM_CONNECTION_LIMIT,
         keepalive_timeout=UPSTREAM_KEEPALIVE_SECONDS,
@@ -111,7 +123,12 @@ def upstream_session(config: Config) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,
-        trust_env=True,  # HTTPS_PROXY / NO_PROXY on corporate networks
+        # HTTPS_PROXY / NO_PROXY are read once here, not per request: trust_env would
+        # also consult ~/.netrc on every request, and a netrc entry for the API host
+        # collides with the Authorization header we set (every request would fail).
+        trust_env=False,
+        proxy=env_proxy,
+        proxy_auth=env_proxy_auth,
         # Set-Cookie must reach the client, never be replayed by us on others' requests.
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=SKIP_AUTO_HEADERS,
@@ -128,15 +145,25 @@ async def _upstream_session_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _token_manager_ctx(app: web.Application) -> AsyncIterator[None]:
-    """OAuth mode: open the store and start the TokenManager (HOOK for the lead engineer).
+    """OAuth mode: open the store, start the token manager, close both at the end."""
+    config = app[CONFIG_KEY]
+    store = open_store(config)
+    try:
+        manager = TokenManager(config, store, app[UPSTREAM_SESSION_KEY], clock=app[CLOCK_KEY])
+        await manager.start()
+        app[TOKENS_KEY] = manager
+        app[CREDENTIALS_KEY] = manager
+        try:
+            yield
+        finally:
+            await manager.close()
+    finally:
+        await store.close()
 
-    TODO(lead): blocked on proxy.store.open_store and TokenManager.start/close: create
-    the store and `TokenManager(config, store, app[UPSTREAM_SESSION_KEY], clock=...)`,
-    `await manager.start()`, set `app[TOKENS_KEY]` and `app[CREDENTIALS_KEY]`, `yield`,
-    then `await manager.close()` and close the store.
-    """
-    if CREDENTIALS_KEY not in app:
-        raise ProxyError("OAuth mode is not wired yet")
+
+async def _page_url_ctx(app: web.Application) -> AsyncIterator[None]:
+    """503 bodies name the authorise page where the authoriser serves it."""
+    app[TOKENS_KEY].set_page_url(app[AUTHORISER_KEY].page_url())
     yield
 
 
@@ -147,8 +174,11 @@ def _install_credentials(app: web.Application, credentials: CredentialSource | N
     elif config.pleo.api_key is not None:
         app[CREDENTIALS_KEY] = ApiKeySource(config.pleo.api_key)
     else:
-        # Needs the upstream session, so it runs after _upstream_session_ctx.
+        # Needs the upstream session, so it runs after _upstream_session_ctx; the
+        # authoriser subscribes to a started manager (no setup URL made for nothing).
         app.cleanup_ctx.append(_token_manager_ctx)
+        app.cleanup_ctx.append(authoriser_ctx)
+        app.cleanup_ctx.append(_page_url_ctx)
 
 
 def build_app(
@@ -173,6 +203,11 @@ def _bound_addresses(runner: web.AppRunner) -> list[tuple[str, int]]:
     return [(str(addr[0]), int(addr[1])) for addr in runner.addresses]
 
 
+def _on_sighup() -> None:
+    # systemd's ExecReload sends SIGHUP; without a handler it would end the process.
+    log.warning("SIGHUP: configuration reload is not supported yet; restart to apply changes")
+
+
 @contextlib.contextmanager
 def _signals_set(stop: asyncio.Event) -> collections.abc.Iterator[None]:
     """SIGTERM/SIGINT set `stop` while serving (main thread only: asyncio's rule)."""
@@ -180,14 +215,25 @@ def _signals_set(stop: asyncio.Event) -> collections.abc.Iterator[None]:
         yield
         return
     loop = asyncio.get_running_loop()
-    signums = (signal.SIGTERM, signal.SIGINT)
-    for signum in signums:
+    signums = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for signum in signums[:2]:
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _on_sighup)
     try:
         yield
     finally:
         for signum in signums:
             loop.remove_signal_handler(signum)
+
+
+async def _start_sites(runner: web.AppRunner, config: Config) -> None:
+    """Sockets systemd passed (socket activation), else the configured address."""
+    sockets = sdnotify.listen_fds()
+    if sockets:
+        for sock in sockets:
+            await web.SockSite(runner, sock).start()
+        return
+    await web.TCPSite(runner, config.listen.host, config.listen.port).start()
 
 
 async def serve(
@@ -208,13 +254,27 @@ async def serve(
         # A client that goes away cancels its handler, and so its upstream request.
         handler_cancellation=True,
         shutdown_timeout=config.timeouts.shutdown,
+        # Our own access log: it never writes the query (the callback's holds the code).
+        access_log_class=AccessLogger,
+        access_log=access_logger(),
     )
+    # setup() runs the cleanup contexts: the store is open and verified after it.
     await runner.setup()
+    watchdog: asyncio.Task[None] | None = None
     try:
-        await web.TCPSite(runner, config.listen.host, config.listen.port).start()
+        await _start_sites(runner, config)
         if on_listening is not None:
             on_listening(_bound_addresses(runner))
+        sdnotify.notify("READY=1")
+        interval = sdnotify.watchdog_interval()
+        if interval:
+            watchdog = asyncio.create_task(sdnotify.watchdog_loop(interval))
         with _signals_set(stop):
             await stop.wait()
     finally:
+        sdnotify.notify("STOPPING=1")
+        if watchdog is not None:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
         await runner.cleanup()

@@ -165,6 +165,8 @@ async def _post_token(
     """One form POST to the token endpoint: (status, body, Retry-After)."""
     headers, auth_fields = client_auth(pleo)
     headers["Accept"] = "application/json"
+    # Explicit: the shared upstream session adds no Content-Type of its own.
+    headers["Content-Type"] = "application/x-www-form-urlencoded"
     async with (
         map_token_endpoint_errors(),
         session.post(

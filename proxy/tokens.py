@@ -117,6 +117,10 @@ class TokenManager:
         self._started = False
         self._page_url = _page_url(config.pleo.redirect_uri)
 
+    def set_page_url(self, url: str) -> None:
+        """Where the authorise page is served: named in 503 bodies and the status."""
+        self._page_url = url
+
     # -- state ---------------------------------------------------------------------
 
     @property

@@ -22,7 +22,7 @@ class TokenSet:
     expires_at: float  # epoch seconds
     lifetime: float  # the `expires_in` Pleo granted, in seconds
     scopes: tuple[str, ...] = ()
-    token_type: str = "Bearer"
+    token_type: str = "Bearer"  # noqa: S105 - a scheme name, not a secret
 
     def __repr__(self) -> str:
         return (

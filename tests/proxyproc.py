@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Any
 from aiohttp.test_utils import TestServer
 
 from proxy.app import build_app, serve
-from proxy.config import Config, Listen, Pleo, Refresh, Timeouts
+from proxy.config import Config, Listen, Pleo, Refresh, Timeouts, TokensConfig
 from proxy.credentials import CredentialSource
 from proxy.secret import Secret
 
@@ -57,6 +58,11 @@ class RecordingCredentials:
         return Secret(f"Bearer {self.tokens[0]}")
 
 
+def _temp_tokens() -> TokensConfig:
+    state = Path(tempfile.mkdtemp(prefix="pleo-proxy-test-"))
+    return TokensConfig(path=state / "tokens.enc", key_file=state / "tokens.key")
+
+
 def proxy_config(api_url: str, **overrides: Any) -> Config:
     """A config for tests: loopback, port 0, the given upstream; sections overridable."""
     sections: dict[str, Any] = {
@@ -64,6 +70,8 @@ def proxy_config(api_url: str, **overrides: Any) -> Config:
         "pleo": Pleo(api_url=api_url),
         "refresh": Refresh(),
         "timeouts": Timeouts(connect=5.0, read=10.0, shutdown=5.0),
+        # Never the default (relative to the working directory): a fresh temp dir.
+        "tokens": _temp_tokens(),
     }
     sections.update(overrides)
     return Config(**sections)

@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from proxy.app import build_app, serve
-from proxy.config import Pleo, Timeouts
+from proxy.config import Pleo, Timeouts, TokensConfig
 from proxy.credentials import ApiKeySource
-from proxy.errors import ProxyError, ReauthorizationRequired
+from proxy.errors import ReauthorizationRequired
 from proxy.keys import CREDENTIALS_KEY, UPSTREAM_SESSION_KEY
 from proxy.secret import Secret
 from tests.proxyproc import (
@@ -113,12 +113,24 @@ async def test_api_key_mode_installs_the_api_key_source(upstream: EchoUpstream) 
     assert isinstance(app[CREDENTIALS_KEY], ApiKeySource)
 
 
-async def test_oauth_mode_without_credentials_is_not_wired_yet(upstream: EchoUpstream) -> None:
-    app = build_app(proxy_config(upstream.url))
-    runner = web.AppRunner(app)
-    with pytest.raises(ProxyError, match="not wired yet"):
-        await runner.setup()
-    await runner.cleanup()
+async def test_oauth_mode_without_tokens_answers_503_and_forwards_nothing(
+    upstream: EchoUpstream, tmp_path: Path
+) -> None:
+    config = proxy_config(
+        upstream.url,
+        pleo=Pleo(api_url=upstream.url, client_id="c", client_secret=Secret("s")),
+        tokens=TokensConfig(path=tmp_path / "tokens.enc", key_file=tmp_path / "tokens.key"),
+    )
+    async with run_proxy_app(config) as proxy, aiohttp.ClientSession() as client:
+        async with client.get(proxy.make_url("/v1/expenses")) as resp:
+            assert resp.status == 503
+            body = await resp.json()
+        async with client.get(proxy.make_url("/_proxy/readyz")) as ready:
+            assert ready.status == 503
+    assert body["error"] == "reauthorization_required"
+    # The client learns where the page is, never the one-time setup code.
+    assert body["authorize_url"] == "http://localhost:8080/_proxy/authorize"
+    assert upstream.hits == 0
 
 
 async def test_upstream_session_settings(upstream: EchoUpstream) -> None:
@@ -126,7 +138,7 @@ async def test_upstream_session_settings(upstream: EchoUpstream) -> None:
     async with run_proxy_app(config, RecordingCredentials()) as proxy:
         session = proxy.app[UPSTREAM_SESSION_KEY]
         assert session.auto_decompress is False
-        assert session.trust_env is True
+        assert session.trust_env is False  # netrc must never add credentials
         assert session.timeout.sock_connect == 3
         assert session.timeout.sock_read == 7
         assert session.timeout.total is None
