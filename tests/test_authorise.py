@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.app import build_app
 from proxy.authorise import (
     AUTHORISER_KEY,
     MAX_PENDING_FLOWS,
@@ -82,39 +83,7 @@ class Proxy:
 
 
 def build_proxy_app(config: Config, clock: Callable[[], float]) -> web.Application:
-    # INTERIM until app.py wires tokens and the authorise routes: the same assembly by hand.
-    import collections
-
-    from proxy import app as app_module
-    from proxy.authorise import authorise_routes, authoriser_ctx
-    from proxy.forward import defer_continue, forward
-    from proxy.guard import REFUSALS_KEY, Policy, guard_middleware
-    from proxy.keys import CLOCK_KEY, CONFIG_KEY, CREDENTIALS_KEY, UPSTREAM_SESSION_KEY
-    from proxy.store import open_store
-
-    async def tokens_ctx(app: web.Application) -> AsyncIterator[None]:
-        store = open_store(config)
-        async with aiohttp.ClientSession(auto_decompress=False) as session:
-            app[UPSTREAM_SESSION_KEY] = session
-            manager = TokenManager(config, store, session, clock=clock)
-            await manager.start(background=False)
-            app[TOKENS_KEY] = manager
-            app[CREDENTIALS_KEY] = manager
-            yield
-            await manager.close()
-            await store.close()
-
-    app = web.Application(
-        middlewares=[guard_middleware(Policy.from_config(config)), app_module.json_errors]
-    )
-    app[CONFIG_KEY] = config
-    app[CLOCK_KEY] = clock
-    app[REFUSALS_KEY] = collections.Counter()
-    app.cleanup_ctx.append(tokens_ctx)
-    app.cleanup_ctx.append(authoriser_ctx)
-    app.add_routes(authorise_routes())
-    app.add_routes([web.route("*", "/{tail:.*}", forward, expect_handler=defer_continue)])
-    return app
+    return build_app(config, clock=clock)
 
 
 @asynccontextmanager
