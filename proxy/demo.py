@@ -11,6 +11,7 @@ import html
 import re
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin
 
@@ -73,18 +74,24 @@ async def run_demo(*, port: int, sandbox_port: int = 0, auto_approve: bool = Fal
 
 async def _approve(setup_url: str) -> None:
     try:
-        await walk_authorisation(setup_url, approve=True)
+        walk = await walk_authorisation(setup_url, approve=True)
+        if walk.status != 200:
+            raise ValueError(f"the callback answered {walk.status}")
         print("auto-approve: connected to the sandbox company")
     except (aiohttp.ClientError, ValueError) as exc:
         print(f"auto-approve failed: {exc}", file=sys.stderr)
     sys.stdout.flush()
 
 
-async def walk_authorisation(setup_url: str, *, approve: bool = True) -> str:
-    """Click through the authorise page and the sandbox's consent page like a browser.
+@dataclass(frozen=True)
+class Walk:
+    callback_url: str  # where Pleo sent the browser back (holds the code: never log it)
+    status: int
+    page: str
 
-    Returns the final page's HTML.
-    """
+
+async def walk_authorisation(setup_url: str, *, approve: bool = True) -> Walk:
+    """Click through the authorise page and the sandbox's consent page like a browser."""
     jar = aiohttp.CookieJar(unsafe=True)
     async with aiohttp.ClientSession(cookie_jar=jar) as session:
         async with session.get(setup_url) as resp:
@@ -97,7 +104,7 @@ async def walk_authorisation(setup_url: str, *, approve: bool = True) -> str:
         decision = {"decision": "approve" if approve else "deny"}
         callback = await _submit_first_form(session, url, consent, decision)
         async with session.get(callback) as resp:
-            return await resp.text()
+            return Walk(callback_url=callback, status=resp.status, page=await resp.text())
 
 
 async def _submit_first_form(
