@@ -417,7 +417,7 @@ class TokenManager:
             )
             await self._store.save(state)
         self._client_rejected = None
-        self._last_used = self._clock()
+        # Not counted as use: proactive refresh starts once clients send requests.
         self._adopt(state)
         log.info("connected to Pleo (%s)", company_name or subject or "subject unknown")
 

@@ -41,11 +41,15 @@ __all__ = ["sandbox"]
 
 
 @asynccontextmanager
-async def running_proxy(sandbox: RunningSandbox, state_dir: Path) -> AsyncIterator[Config]:
+async def running_proxy(
+    sandbox: RunningSandbox, state_dir: Path, *, before_expiry: float = 120.0
+) -> AsyncIterator[Config]:
     port = free_port()
     redirect = f"http://localhost:{port}/_proxy/callback"
     await set_knobs(sandbox.url, redirect_uris=[redirect])
-    config = sandbox_config(sandbox.url, state_dir, port=port, redirect_uri=redirect)
+    config = sandbox_config(
+        sandbox.url, state_dir, port=port, redirect_uri=redirect, before_expiry=before_expiry
+    )
     stop_event = asyncio.Event()
     listening = asyncio.Event()
     task = asyncio.create_task(
@@ -95,6 +99,36 @@ async def test_a_401_for_a_valid_token_is_refreshed_and_replayed_once(
             assert resp.status == 401
             assert resp.headers["X-Pleo-Proxy-Replay"] == "body-too-large"
         assert (await get_stats(sandbox.url))["api_by_path"]["/v1/uploads"] == 3
+
+
+async def test_500_concurrent_requests_with_an_expired_token_share_one_refresh(
+    sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    # 4 s tokens: the burst is over well before a proactive refresh (at half-life) is due.
+    await set_knobs(sandbox.url, access_ttl=4)
+    async with (
+        running_proxy(sandbox, tmp_path) as config,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client,
+    ):
+        await authorise(config)
+        stored = await FileStore.from_config(config).load()
+        assert stored is not None
+        assert stored.tokens is not None
+        # Unused since authorised, so no background refresh: all 500 requests arrive
+        # together just after expiry and find the access token expired.
+        await asyncio.sleep(max(0.0, stored.tokens.expires_at - time.time()) + 0.05)
+        before = await get_stats(sandbox.url)
+
+        async def one() -> int:
+            async with client.get(f"{base(config)}/v1/introspect") as resp:
+                await resp.read()
+                return resp.status
+
+        statuses = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(500))), 60)
+        after = await get_stats(sandbox.url)
+    assert statuses == [200] * 500
+    assert after["refresh_grants"] - before["refresh_grants"] == 1
+    assert after["reuse_detected"] == 0
 
 
 async def test_revoked_grant_answers_503_and_reauthorisation_restores_traffic(
