@@ -134,3 +134,29 @@ def test_import_tokens_rejects_bad_json(tmp_path: Path) -> None:
     code, _, err = cli("import-tokens", "--config", str(config_file), stdin=b'{"expires_in": 5}')
     assert code == 2
     assert not (tmp_path / "tokens.enc").exists()
+
+
+async def test_rotate_key_reseals_under_a_new_key(sandbox: RunningSandbox, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    config_file = write_config(
+        tmp_path / "c.yaml", sandbox_url=sandbox.url, port=18080, state_dir=state
+    )
+    tokens = await grant_tokens(sandbox_config(sandbox.url, state), now=time.time())
+    assert tokens.refresh_token is not None
+    doc = {
+        "access_token": tokens.access_token.reveal(),
+        "expires_in": 600,
+        "refresh_token": tokens.refresh_token.reveal(),
+    }
+    code, _, err = cli(
+        "import-tokens", "--config", str(config_file), stdin=json.dumps(doc).encode()
+    )
+    assert code == 0, err
+    old_key = (state / "tokens.key").read_bytes()
+    code, out, err = cli("rotate-key", "--config", str(config_file))
+    assert code == 0, err
+    assert "re-sealed under key" in out
+    assert (state / "tokens.key").read_bytes() != old_key
+    code, out, _ = cli("token", "--config", str(config_file))
+    assert code == 0
+    assert out.strip() == tokens.access_token.reveal()
