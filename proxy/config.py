@@ -114,6 +114,21 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one client connection may send, e.g. `Limits(max_headers=20, idle_timeout=1)`.
+
+    Enforced by aiohttp's HTTP parser and keep-alive timer (see proxy/limits.py).
+    """
+
+    max_request_line: int = 8190  # bytes of "METHOD target HTTP/1.1"
+    max_header_size: int = 8190  # bytes of one header field, name and value together
+    max_headers: int = 100
+    # A complete request head must arrive within this long of the connection opening
+    # or of the previous answer; also how long an idle keep-alive connection stays.
+    idle_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
 class Config:
     listen: Listen = field(default_factory=Listen)
     pleo: Pleo = field(default_factory=Pleo)
@@ -121,6 +136,7 @@ class Config:
     refresh: Refresh = field(default_factory=Refresh)
     timeouts: Timeouts = field(default_factory=Timeouts)
     log_level: str = "info"  # one of LogLevel
+    limits: Limits = field(default_factory=Limits)
 
 
 def environment_defaults(
@@ -236,6 +252,18 @@ def _duration(*, zero_ok: bool) -> Parser:
 
 def _size(value: object) -> int:
     return int(_quantity(value, _SIZE_UNITS, "a size like 1048576, '512KiB', '1MiB'"))
+
+
+def _within(parse: Callable[[object], int], low: int, high: int) -> Parser:
+    """`parse`, then a range check: limits outside it break every client or guard nothing."""
+
+    def parse_within(value: object) -> int:
+        number = parse(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be from {low} to {high}, got {number}")
+        return number
+
+    return parse_within
 
 
 def _choice(kind: str, choices: tuple[str, ...]) -> Parser:
@@ -500,6 +528,12 @@ def _spec(base_dir: Path, environ: Mapping[str, str]) -> Spec:
         },
         "timeouts": {k: positive for k in ("connect", "read", "token_request", "shutdown")},
         "log_level": _choice("log level", get_args(LogLevel)),
+        "limits": {
+            "max_request_line": _within(_size, 256, MIB),
+            "max_header_size": _within(_size, 256, MIB),
+            "max_headers": _within(_integer, 1, 10_000),
+            "idle_timeout": positive,
+        },
     }
 
 
@@ -573,6 +607,7 @@ def _build(values: dict[str, Any], reader: _Reader) -> Config:
         refresh=replace(Refresh(), **_valid(values.get("refresh", {}))),
         timeouts=replace(Timeouts(), **_valid(values.get("timeouts", {}))),
         log_level=_valid(values).get("log_level", "info"),
+        limits=replace(Limits(), **_valid(values.get("limits", {}))),
     )
 
 

@@ -12,6 +12,7 @@ import pytest
 from proxy.config import (
     SANDBOX_DEFAULT_PORT,
     Config,
+    Limits,
     Listen,
     Pleo,
     Refresh,
@@ -82,6 +83,7 @@ def test_example_file_loads_with_its_variables_set() -> None:
     assert config.refresh.keepalive == 7 * 86400
     assert dataclasses.astuple(config.timeouts) == (10, 120, 15, 30)
     assert config.log_level == "info"
+    assert config.limits == Limits()
 
 
 def test_example_file_mentions_every_key() -> None:
@@ -89,7 +91,7 @@ def test_example_file_mentions_every_key() -> None:
     keys = [f.name for f in dataclasses.fields(Config)]
     keys += [
         f.name
-        for cls in (Listen, Pleo, TokensConfig, Refresh, Timeouts)
+        for cls in (Listen, Pleo, TokensConfig, Refresh, Timeouts, Limits)
         for f in dataclasses.fields(cls)
     ]
     keys += ["client_secret_file", "api_key_file"]
@@ -618,3 +620,37 @@ def test_yaml_tags_that_build_objects_are_refused(tmp_path: Path) -> None:
         load_config(tmp_path / "c.yaml", environ={})
     [problem] = info.value.problems
     assert problem.message.startswith("invalid YAML at line 1, column 7: ")
+
+
+# --- limits ---
+
+
+def test_limits_default_to_safe_values() -> None:
+    assert parse({"pleo": OAUTH}).limits == Limits(8190, 8190, 100, 30.0)
+
+
+def test_limits_accept_sizes_counts_and_durations() -> None:
+    given = {"max_request_line": "16KiB", "max_header_size": 4096, "max_headers": "50"}
+    config = parse(doc(limits={**given, "idle_timeout": "500ms"}))
+    assert config.limits == Limits(16384, 4096, 50, 0.5)
+
+
+def test_limits_out_of_range_or_mistyped_are_problems() -> None:
+    bad = {
+        "max_request_line": 10,
+        "max_header_size": "2MiB",
+        "max_headers": 0,
+        "idle_timeout": 0,
+        "max_body": 1,
+    }
+    assert problems(doc(limits=bad)) == [
+        "limits.max_request_line: must be from 256 to 1048576, got 10",
+        "limits.max_header_size: must be from 256 to 1048576, got 2097152",
+        "limits.max_headers: must be from 1 to 10000, got 0",
+        "limits.idle_timeout: must be greater than zero",
+        "limits.max_body: unknown key; expected one of max_request_line, max_header_size,"
+        " max_headers, idle_timeout",
+    ]
+    assert problems(doc(limits={"max_headers": [1]})) == [
+        "limits.max_headers: expected an integer, got a list"
+    ]
