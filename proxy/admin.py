@@ -1,4 +1,4 @@
-"""The proxy's own read-only endpoints: healthz, readyz and status.
+"""The proxy's own read-only endpoints: healthz, readyz, status and metrics.
 
 Never changes token state and never shows a secret.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.keys import CLOCK_KEY, TOKENS_KEY
+from proxy.metrics import METRICS_KEY
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -44,9 +45,16 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(tokens.status())
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition of this process's metrics."""
+    body, content_type = request.app[METRICS_KEY].render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
 def admin_routes() -> list[web.RouteDef]:
     return [
         web.get("/_proxy/healthz", healthz),
         web.get("/_proxy/readyz", readyz),
         web.get("/_proxy/status", status),
+        web.get("/_proxy/metrics", metrics),
     ]

@@ -1,9 +1,9 @@
 """Assembly of the aiohttp application: routes, middlewares, long-lived resources, serving.
 
 Owns the route table (reserved `/_proxy/*` paths, then the catch-all forwarder), the
-middleware order (guard → JSON errors), the `cleanup_ctx` resources (upstream
-`ClientSession`, credential source) and `serve()` with a graceful shutdown.
-Must not forward or refresh itself.
+middleware order (in-flight gauge → guard → JSON errors), the `cleanup_ctx` resources
+(upstream `ClientSession`, credential source), and `serve()`: listening, sd_notify,
+SIGHUP reload and a graceful shutdown. Must not forward or refresh itself.
 """
 
 from __future__ import annotations
@@ -12,26 +12,33 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import signal
+import socket
 import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from yarl import URL
 
 from proxy import sdnotify
-from proxy.access_log import AccessLogger, access_logger
+from proxy.access_log import AccessLogger, access_logger, send_request_id
 from proxy.admin import admin_routes
 from proxy.authorise import AUTHORISER_KEY, authorise_routes, authoriser_ctx
 from proxy.config import Config
 from proxy.credentials import ApiKeySource, CredentialSource
 from proxy.errors import ProxyError
 from proxy.forward import defer_continue, forward
-from proxy.guard import REFUSALS_KEY, Policy, guard_middleware
+from proxy.guard import REFUSALS_KEY, guard_middleware
 from proxy.keys import CLOCK_KEY, CONFIG_KEY, CREDENTIALS_KEY, TOKENS_KEY, UPSTREAM_SESSION_KEY
+from proxy.limits import server_limits
+from proxy.metrics import METRICS_KEY, Metrics, in_flight_middleware
+from proxy.reload import LIVE_KEY, LiveSettings, reload
 from proxy.store import open_store
 from proxy.tokens import TokenManager
 
@@ -42,6 +49,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Upstream pool: enough for bursts of concurrent API calls, small enough to be polite.
 UPSTREAM_CONNECTION_LIMIT = 100
 UPSTREAM_KEEPALIVE_SECONDS = 30.0
+# Pending connections the kernel queues for us (aiohttp's TCPSite default).
+LISTEN_BACKLOG = 128
 # The client adds none of its own: the upstream sees what our client sent.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept-Encoding", "Content-Type")
 
@@ -149,7 +158,9 @@ async def _token_manager_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG_KEY]
     store = open_store(config)
     try:
-        manager = TokenManager(config, store, app[UPSTREAM_SESSION_KEY], clock=app[CLOCK_KEY])
+        manager = TokenManager(
+            config, store, app[UPSTREAM_SESSION_KEY], clock=app[CLOCK_KEY], events=app[METRICS_KEY]
+        )
         await manager.start()
         app[TOKENS_KEY] = manager
         app[CREDENTIALS_KEY] = manager
@@ -188,29 +199,78 @@ def build_app(
     clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """The proxy as an aiohttp application; `credentials` overrides the config's mode."""
-    # Guard first: a refused request must not reach anything, error handling included.
-    app = web.Application(middlewares=[guard_middleware(Policy.from_config(config)), json_errors])
+    live = LiveSettings(config)
+    # Guard first: a refused request must not reach anything, error handling included
+    # (the in-flight gauge only counts, so it may wrap the guard).
+    app = web.Application(
+        middlewares=[in_flight_middleware, guard_middleware(lambda: live.policy), json_errors]
+    )
     app[CONFIG_KEY] = config
+    app[LIVE_KEY] = live
     app[CLOCK_KEY] = clock
     app[REFUSALS_KEY] = collections.Counter()
+    app[METRICS_KEY] = _metrics(app)
+    app.on_response_prepare.append(send_request_id)
     app.cleanup_ctx.append(_upstream_session_ctx)
     _install_credentials(app, credentials)
     app.add_routes(_routes(config))
     return app
 
 
+def _metrics(app: web.Application) -> Metrics:
+    metrics = Metrics()
+    metrics.count_refusals(app[REFUSALS_KEY])
+
+    def seconds_left() -> float | None:
+        manager = app.get(TOKENS_KEY)
+        tokens = manager.tokens if manager is not None else None
+        return None if tokens is None else tokens.expires_at - app[CLOCK_KEY]()
+
+    metrics.watch_expiry(seconds_left)
+    return metrics
+
+
+def runner_options(config: Config) -> dict[str, Any]:
+    """AppRunner settings of a served proxy (tests serving `build_app` use them too)."""
+    return {
+        # A client that goes away cancels its handler, and so its upstream request.
+        "handler_cancellation": True,
+        "shutdown_timeout": config.timeouts.shutdown,
+        # Our own access log: it never writes the query (the callback's holds the code);
+        # it also feeds the request metrics, so it is on whatever the log level.
+        "access_log_class": AccessLogger,
+        "access_log": access_logger(),
+        # Request-line/header bounds and the idle timeout (`limits:`).
+        **server_limits(config),
+    }
+
+
 def _bound_addresses(runner: web.AppRunner) -> list[tuple[str, int]]:
     return [(str(addr[0]), int(addr[1])) for addr in runner.addresses]
 
 
-def _on_sighup() -> None:
-    # systemd's ExecReload sends SIGHUP; without a handler it would end the process.
-    log.warning("SIGHUP: configuration reload is not supported yet; restart to apply changes")
+class ListenError(ProxyError):
+    """The configured address cannot be listened on (taken, not ours, no permission)."""
+
+
+def apply_reload(app: web.Application, runner: web.AppRunner, config_path: Path) -> None:
+    """SIGHUP: re-read `config_path`; apply what may change live, say what needs a restart."""
+    sdnotify.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    try:
+        applied = reload(app[LIVE_KEY], config_path)
+        if applied is not None:
+            manager = app.get(TOKENS_KEY)
+            if manager is not None:
+                manager.use_timeouts(applied.timeouts)
+            # Read by runner.cleanup() at shutdown; aiohttp itself sets it this way.
+            runner._shutdown_timeout = applied.timeouts.shutdown
+    finally:
+        sdnotify.notify("READY=1")
 
 
 @contextlib.contextmanager
-def _signals_set(stop: asyncio.Event) -> collections.abc.Iterator[None]:
-    """SIGTERM/SIGINT set `stop` while serving (main thread only: asyncio's rule)."""
+def _signals_set(stop: asyncio.Event, on_hup: Callable[[], None]) -> collections.abc.Iterator[None]:
+    """SIGTERM/SIGINT set `stop`, SIGHUP reloads (main thread only: asyncio's rule)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -218,7 +278,8 @@ def _signals_set(stop: asyncio.Event) -> collections.abc.Iterator[None]:
     signums = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     for signum in signums[:2]:
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _on_sighup)
+    # systemd's ExecReload sends SIGHUP; without a handler it would end the process.
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         yield
     finally:
@@ -226,14 +287,71 @@ def _signals_set(stop: asyncio.Event) -> collections.abc.Iterator[None]:
             loop.remove_signal_handler(signum)
 
 
-async def _start_sites(runner: web.AppRunner, config: Config) -> None:
-    """Sockets systemd passed (socket activation), else the configured address."""
-    sockets = sdnotify.listen_fds()
-    if sockets:
+def _reloader(
+    app: web.Application, runner: web.AppRunner, config_path: Path | None
+) -> Callable[[], None]:
+    def on_hup() -> None:
+        if config_path is None:
+            log.warning("SIGHUP: no configuration file to reload; restart to apply changes")
+            return
+        apply_reload(app, runner, config_path)
+
+    return on_hup
+
+
+def _bind(family: int, address: Any, *, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            # Workers share the port; the kernel spreads new connections between them.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def listen_sockets(config: Config, *, reuse_port: bool = False) -> list[socket.socket]:
+    """Sockets systemd passed (socket activation), else the configured address, bound now.
+
+    Bound before anything else starts, so a taken port is reported before the store is
+    opened or a setup URL is made.
+    """
+    passed = sdnotify.listen_fds()
+    if passed:
+        return passed
+    host, port = config.listen.host, config.listen.port
+    sockets: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, _, _, _, address in dict.fromkeys(infos):
+            sockets.append(_bind(family, address, reuse_port=reuse_port))
+    except OSError as exc:
         for sock in sockets:
-            await web.SockSite(runner, sock).start()
-        return
-    await web.TCPSite(runner, config.listen.host, config.listen.port).start()
+            sock.close()
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ListenError(f"cannot listen on {host}:{port}: {reason.lower()}") from None
+    return sockets
+
+
+async def _serve_until(stop: asyncio.Event, on_hup: Callable[[], None]) -> None:
+    interval = sdnotify.watchdog_interval()
+    watchdog = asyncio.create_task(sdnotify.watchdog_loop(interval)) if interval else None
+    try:
+        with _signals_set(stop, on_hup):
+            await stop.wait()
+    finally:
+        sdnotify.notify("STOPPING=1")
+        if watchdog is not None:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
 
 
 async def serve(
@@ -242,39 +360,30 @@ async def serve(
     credentials: CredentialSource | None = None,
     on_listening: Callable[[list[tuple[str, int]]], None] | None = None,
     stop: asyncio.Event | None = None,
+    config_path: Path | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Serve until `stop` is set or SIGTERM/SIGINT, then shut down gracefully.
 
     Shutdown stops accepting, lets in-flight requests finish for up to
     `timeouts.shutdown` seconds, cancels the rest, then closes the upstream session.
+    SIGHUP re-reads `config_path` (see `proxy.reload`). `reuse_port` lets several
+    worker processes listen on one port (SO_REUSEPORT).
     """
     stop = stop if stop is not None else asyncio.Event()
-    runner = web.AppRunner(
-        build_app(config, credentials=credentials),
-        # A client that goes away cancels its handler, and so its upstream request.
-        handler_cancellation=True,
-        shutdown_timeout=config.timeouts.shutdown,
-        # Our own access log: it never writes the query (the callback's holds the code).
-        access_log_class=AccessLogger,
-        access_log=access_logger(),
-    )
-    # setup() runs the cleanup contexts: the store is open and verified after it.
-    await runner.setup()
-    watchdog: asyncio.Task[None] | None = None
+    sockets = listen_sockets(config, reuse_port=reuse_port)
+    app = build_app(config, credentials=credentials)
+    runner = web.AppRunner(app, **runner_options(config))
     try:
-        await _start_sites(runner, config)
+        # setup() runs the cleanup contexts: the store is open and verified after it.
+        await runner.setup()
+        for sock in sockets:
+            await web.SockSite(runner, sock).start()
         if on_listening is not None:
             on_listening(_bound_addresses(runner))
         sdnotify.notify("READY=1")
-        interval = sdnotify.watchdog_interval()
-        if interval:
-            watchdog = asyncio.create_task(sdnotify.watchdog_loop(interval))
-        with _signals_set(stop):
-            await stop.wait()
+        await _serve_until(stop, _reloader(app, runner, config_path))
     finally:
-        sdnotify.notify("STOPPING=1")
-        if watchdog is not None:
-            watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watchdog
         await runner.cleanup()
+        for sock in sockets:
+            sock.close()

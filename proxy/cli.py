@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -20,7 +21,7 @@ import aiohttp
 from proxy import __version__
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError, ProxyError
-from proxy.logs import setup_logging
+from proxy.logs import redact, setup_logging
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -41,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
 
     run = with_config("run", "serve the proxy")
     run.add_argument("--log-format", choices=["text", "json"], default=None)
+    run.add_argument(
+        "--workers", type=_positive, default=1, metavar="N", help="processes on one port"
+    )
+    # A worker of `--workers N` (listens with SO_REUSEPORT); not for people to use.
+    run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     demo = sub.add_parser("demo", help="the bundled sandbox and a proxy in front of it")
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--sandbox-port", type=int, default=0)
@@ -59,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("must be a whole number of at least 1")
+    return int(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command: str = args.command
@@ -75,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc.detail}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as exc:
-        print(f"error: {exc.strerror or exc}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{(exc.strerror or type(exc).__name__).lower()}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
@@ -103,11 +116,7 @@ def _run_with_config(command: str, config: Config, args: argparse.Namespace) -> 
         print("configuration OK")
         return EXIT_OK
     if command == "run":
-        from proxy.app import serve
-
-        setup_logging(config.log_level, fmt=args.log_format)
-        asyncio.run(serve(config))
-        return EXIT_OK
+        return _run(config, args)
     if command == "authorize-url":
         return _authorize_url(config)
     setup_logging("warning")
@@ -119,6 +128,45 @@ def _run_with_config(command: str, config: Config, args: argparse.Namespace) -> 
         "rotate-key": _rotate_key,
     }
     return asyncio.run(handlers[command](config))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (the `speed` extra), else asyncio's."""
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def _run(config: Config, args: argparse.Namespace) -> int:
+    """`run`: serve (or supervise workers); a start-up failure is one `error:` line, exit 1."""
+    setup_logging(config.log_level, fmt=args.log_format)
+    if args.workers > 1 and not args.worker:
+        from proxy.workers import supervise
+
+        return supervise(args.config, args.workers, log_format=args.log_format)
+    from proxy.app import serve
+    from proxy.workers import announce_ready
+
+    def listening(addresses: list[tuple[str, int]]) -> None:
+        announce_ready()
+
+    serving = serve(config, config_path=args.config, reuse_port=args.worker, on_listening=listening)
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(serving)
+    except (ProxyError, OSError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        # Never a traceback on the console: one line, redacted like the logs are.
+        print(
+            f"error: cannot run the proxy: {redact(f'{type(exc).__name__}: {exc}')}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 def _authorize_url(config: Config) -> int:

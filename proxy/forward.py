@@ -10,6 +10,7 @@ Must not parse OAuth responses, refresh tokens, decompress, or read bodies whole
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,9 +20,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.access_log import REQUEST_ID_HEADER, add_upstream_time, request_id
+from proxy.config import Config
 from proxy.credentials import CredentialSource
 from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
-from proxy.keys import CONFIG_KEY, CREDENTIALS_KEY, UPSTREAM_SESSION_KEY
+from proxy.keys import CREDENTIALS_KEY, UPSTREAM_SESSION_KEY
+from proxy.metrics import metrics_of
+from proxy.reload import current_config
 from proxy.secret import Secret
 
 CHUNK_SIZE = 64 * 1024
@@ -78,6 +83,7 @@ class Outbound:
     url: URL
     headers: CIMultiDict[str]
     body: Body
+    timeout: aiohttp.ClientTimeout  # from the live config: a reload changes it
 
 
 @contextmanager
@@ -189,38 +195,71 @@ async def read_body(request: web.Request, limit: int) -> Body:
     return Body(stream=_relay_stream(prefix, request.content))
 
 
-def _outbound(request: web.Request, api_url: str, body: Body) -> Outbound:
+def _outbound(request: web.Request, config: Config, body: Body) -> Outbound:
     headers = strip_hop_by_hop(request.raw_headers, drop=REPLACED_REQUEST_HEADERS)
+    # Pleo sees the id our log line carries: the client's when sane, else ours.
+    headers[REQUEST_ID_HEADER] = request_id(request)
     if body.replayable:
         # A kept body is sent with its exact length (also when it came chunked).
         headers.popall("Content-Length", None)
-    return Outbound(request.method, upstream_url(api_url, request.raw_path), headers, body)
+    url = upstream_url(config.pleo.api_url, request.raw_path)
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=config.timeouts.connect, sock_read=config.timeouts.read
+    )
+    return Outbound(request.method, url, headers, body, timeout)
+
+
+@dataclass(frozen=True)
+class _Observer:
+    """Timing and replay hooks for the access log and metrics (no effect on forwarding)."""
+
+    request: web.Request
+
+    def upstream(self, seconds: float) -> None:
+        add_upstream_time(self.request, seconds)
+        metrics = metrics_of(self.request)
+        if metrics is not None:
+            metrics.upstream_answered(seconds)
+
+    def replay(self, result: str) -> None:
+        metrics = metrics_of(self.request)
+        if metrics is not None:
+            metrics.replayed(result)
 
 
 async def _send(
-    session: aiohttp.ClientSession, outbound: Outbound, authorization: Secret
+    session: aiohttp.ClientSession, outbound: Outbound, authorization: Secret, observe: _Observer
 ) -> aiohttp.ClientResponse:
     headers = CIMultiDict(outbound.headers)
     headers["Authorization"] = authorization.reveal()  # leaves the process here, to Pleo
-    with map_client_errors():
-        return await session.request(
-            outbound.method,
-            outbound.url,
-            headers=headers,
-            data=outbound.body.payload(),
-            allow_redirects=False,
-        )
+    started = time.monotonic()
+    try:
+        with map_client_errors():
+            return await session.request(
+                outbound.method,
+                outbound.url,
+                headers=headers,
+                data=outbound.body.payload(),
+                allow_redirects=False,
+                timeout=outbound.timeout,
+            )
+    finally:
+        observe.upstream(time.monotonic() - started)
 
 
 async def _exchange(
-    session: aiohttp.ClientSession, credentials: CredentialSource, outbound: Outbound
+    session: aiohttp.ClientSession,
+    credentials: CredentialSource,
+    outbound: Outbound,
+    observe: _Observer,
 ) -> tuple[aiohttp.ClientResponse, dict[str, str]]:
     """Send once; after a 401, replay once if the body was kept and a new credential exists."""
     sent = await credentials.authorization(replayable=outbound.body.replayable)
-    first = await _send(session, outbound, sent)
+    first = await _send(session, outbound, sent, observe)
     if first.status != 401:
         return first, {}
     if not outbound.body.replayable:
+        observe.replay("body_too_large")
         return first, {REPLAY_HEADER: REPLAY_BODY_TOO_LARGE}
     try:
         fresh = await credentials.on_rejected(sent)
@@ -228,10 +267,13 @@ async def _exchange(
         first.close()
         raise
     if fresh is None:
+        observe.replay("no_new_token")
         return first, {}
     first.close()  # the rejected answer is dropped; its connection is not worth draining
     # A 401 to the replay goes back as it is: the token owner has had its one chance.
-    return await _send(session, outbound, fresh), {}
+    replayed = await _send(session, outbound, fresh, observe)
+    observe.replay("rejected" if replayed.status == 401 else "ok")
+    return replayed, {}
 
 
 async def _relay_response(
@@ -259,12 +301,12 @@ async def _relay_response(
 
 async def forward(request: web.Request) -> web.StreamResponse:
     """The catch-all handler: relay the request to the Pleo API with the credential added."""
-    config = request.config_dict[CONFIG_KEY]
+    config = current_config(request.app)
     session = request.config_dict[UPSTREAM_SESSION_KEY]
     credentials = request.config_dict[CREDENTIALS_KEY]
     body = await read_body(request, config.refresh.replay_body_limit)
-    outbound = _outbound(request, config.pleo.api_url, body)
-    upstream, extra = await _exchange(session, credentials, outbound)
+    outbound = _outbound(request, config, body)
+    upstream, extra = await _exchange(session, credentials, outbound, _Observer(request))
     try:
         return await _relay_response(request, upstream, extra)
     except BaseException:

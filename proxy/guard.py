@@ -190,12 +190,16 @@ def view_of(request: web.Request) -> RequestView:
     )
 
 
-def guard_middleware(policy: Policy) -> Middleware:
-    """The middleware: refuse with JSON and count the refusal, else hand on."""
+def guard_middleware(policy: Policy | Callable[[], Policy]) -> Middleware:
+    """The middleware: refuse with JSON and count the refusal, else hand on.
+
+    `policy` may be a function returning the current policy: a config reload swaps it.
+    """
+    current = policy if callable(policy) else (lambda: policy)
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        refusal = check(view_of(request), policy)
+        refusal = check(view_of(request), current())
         if refusal is None:
             return await handler(request)
         request.config_dict[REFUSALS_KEY][refusal.code] += 1

@@ -2,7 +2,12 @@
 
 The filter is the last line of defence: secrets travel as `Secret` and are never
 formatted into messages, but if a future change logs one by mistake, anything that
-looks like a credential is masked before the line is written.
+looks like a credential is masked before the line is written: message, structured
+fields and exception text alike. Must not decide what is logged, only how.
+
+One exemption: the authorise page URL (`?setup=<code>`) logged by `proxy.authorise`
+keeps its setup code, because that line is how the operator gets in (the same URL is
+in the 0600 `authorize-url` file). Every other record has `setup=` masked too.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import logging
 import re
 import sys
 import time
+from typing import Any
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -19,31 +25,59 @@ LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+MASK = "[redacted]"
+# The logger whose setup URL stays readable (see the module docstring).
+SETUP_URL_LOGGER = "proxy.authorise"
 
-# Credential-looking values: auth schemes, OAuth parameters in URLs/forms/JSON, JWTs.
-_REDACTIONS = [
-    re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{4,}"),
-    re.compile(
-        r"(?i)([\"']?(?:access_token|refresh_token|client_secret|api_key|code|code_verifier"
-        r"|password|authorization|token)[\"']?\s*[=:]\s*[\"']?)[^\s\"'&,;}]{4,}"
-    ),
-    re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"),
-]
+_AUTH_SCHEME = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{4,}")
+_CREDENTIAL_NAMES = (
+    r"access_token|refresh_token|id_token|client_secret|api_key|code|code_verifier"
+    r"|password|authorization|token|secret"
+)
+# `name=value`, `name: value`, `"name": "value"`; the value up to a delimiter.
+_NAMED = r"([\"']?\b(?:{names})[\"']?\s*{sep}\s*[\"']?)[^\s\"'&,;}}]{{4,}}"
+_CREDENTIAL_PARAM = re.compile("(?i)" + _NAMED.format(names=_CREDENTIAL_NAMES, sep="[=:]"))
+# OAuth `state` and our `setup` code travel as query parameters: only `name=value`, so
+# that prose such as "token state: authorised" stays readable.
+_QUERY_PARAM = re.compile("(?i)" + _NAMED.format(names="state", sep="="))
+_SETUP_PARAM = re.compile("(?i)" + _NAMED.format(names="setup", sep="="))
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")
 
 
-def redact(text: str) -> str:
-    """Mask anything in `text` that looks like a credential."""
-    text = _REDACTIONS[0].sub(lambda m: f"{m.group(1)} [redacted]", text)
-    text = _REDACTIONS[1].sub(lambda m: f"{m.group(1)}[redacted]", text)
-    return _REDACTIONS[2].sub("[redacted]", text)
+def redact(text: str, *, keep_setup: bool = False) -> str:
+    """Mask anything in `text` that looks like a credential (and setup codes, unless kept)."""
+    text = _AUTH_SCHEME.sub(lambda m: f"{m.group(1)} {MASK}", text)
+    text = _CREDENTIAL_PARAM.sub(lambda m: f"{m.group(1)}{MASK}", text)
+    text = _QUERY_PARAM.sub(lambda m: f"{m.group(1)}{MASK}", text)
+    if not keep_setup:
+        text = _SETUP_PARAM.sub(lambda m: f"{m.group(1)}{MASK}", text)
+    return _JWT.sub(MASK, text)
+
+
+def _redact_value(value: Any, *, keep_setup: bool) -> Any:
+    if isinstance(value, str):
+        return redact(value, keep_setup=keep_setup)
+    if isinstance(value, list | tuple):
+        return [_redact_value(v, keep_setup=keep_setup) for v in value]
+    if isinstance(value, dict):
+        return {k: _redact_value(v, keep_setup=keep_setup) for k, v in value.items()}
+    return value
 
 
 class RedactingFilter(logging.Filter):
     """Formats the record's message once, redacted, so no argument escapes unmasked."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = redact(record.getMessage())
+        keep_setup = record.name == SETUP_URL_LOGGER
+        record.msg = redact(record.getMessage(), keep_setup=keep_setup)
         record.args = None
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            record.fields = _redact_value(fields, keep_setup=keep_setup)
+        if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
+            # The traceback's exception messages are text too; format them here, redacted
+            # (formatters reuse exc_text rather than formatting exc_info again).
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
         return True
 
 
@@ -61,21 +95,31 @@ class JsonFormatter(logging.Formatter):
             doc.update(extra)
         if record.exc_info and record.exc_info[0] is not None:
             doc["exception"] = record.exc_info[0].__name__
-        return json.dumps(doc, ensure_ascii=False)
+        return json.dumps(doc, ensure_ascii=False, default=str)
+
+
+def log_handler(stream: Any, *, fmt: str) -> logging.Handler:
+    """A handler writing to `stream` as `fmt` ("json" or "text"), redaction included."""
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactingFilter())
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
+def set_level(level: str) -> None:
+    """The root level by name (a reload changes it while serving)."""
+    logging.getLogger().setLevel(LEVELS.get(level, logging.INFO))
 
 
 def setup_logging(level: str = "info", *, fmt: str | None = None) -> None:
     """Log to stderr: JSON lines when `fmt == "json"` or stderr is not a TTY, else text."""
     if fmt is None:
         fmt = "text" if sys.stderr.isatty() else "json"
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RedactingFilter())
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(LEVELS.get(level, logging.INFO))
+    root.handlers[:] = [log_handler(sys.stderr, fmt=fmt)]
+    set_level(level)
     # aiohttp's access log duplicates our own request line (issue: operating it).
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

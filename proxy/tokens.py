@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from proxy import oauth
-from proxy.config import Config
+from proxy.config import Config, Timeouts
 from proxy.errors import (
     ClientRejected,
     LockTimeout,
@@ -57,6 +57,20 @@ class TokenState(enum.Enum):
 
 
 StateListener = Callable[["TokenState"], None]
+
+
+class TokenEvents:
+    """Hooks for what the manager does (metrics); the base class ignores them.
+
+    Outcomes: ok, transient, invalid_grant, client_rejected, adopted (another process
+    had already refreshed). Only fixed words and numbers: never a token.
+    """
+
+    def refreshed(self, outcome: str) -> None:
+        """A refresh attempt ended with `outcome`."""
+
+    def lock_waited(self, seconds: float) -> None:
+        """The store's refresh lock was granted after `seconds`."""
 
 
 def refresh_margin(tokens: TokenSet, before_expiry: float) -> float:
@@ -100,8 +114,10 @@ class TokenManager:
         session: aiohttp.ClientSession,
         *,
         clock: Callable[[], float] = time.time,
+        events: TokenEvents | None = None,
     ) -> None:
         self._config = config
+        self._events = events if events is not None else TokenEvents()
         self._store = store
         self._session = session
         self._clock = clock
@@ -116,6 +132,10 @@ class TokenManager:
         self._last_transient: str | None = None
         self._started = False
         self._page_url = _page_url(config.pleo.redirect_uri)
+
+    def use_timeouts(self, timeouts: Timeouts) -> None:
+        """Timeouts from a reloaded configuration (token requests and lock waits)."""
+        self._config = dataclasses.replace(self._config, timeouts=timeouts)
 
     def set_page_url(self, url: str) -> None:
         """Where the authorise page is served: named in 503 bodies and the status."""
@@ -139,7 +159,12 @@ class TokenManager:
     def _set_state(self, state: TokenState) -> None:
         if state is self._state:
             return
-        log.info("token state: %s → %s", self._state.value, state.value)
+        log.info(
+            "token state: %s → %s",
+            self._state.value,
+            state.value,
+            extra={"fields": {"event": "state", "from": self._state.value, "to": state.value}},
+        )
         self._state = state
         for listener in list(self._listeners):
             listener(state)
@@ -301,16 +326,31 @@ class TokenManager:
 
     async def _refresh_once(self, request: RefreshRequest) -> TokenSet:
         lock_timeout = self._config.timeouts.token_request + 10
+        waiting_since = time.monotonic()
         async with self._store.lock(lock_timeout):
+            self._events.lock_waited(time.monotonic() - waiting_since)
             # Another process may have refreshed (or ended the grant) meanwhile.
             stored = await self._store.load()
             self._last_reread = self._clock()
             tokens, refresh_token = self._refreshable(stored)
             assert stored is not None  # noqa: S101 - _refreshable raised otherwise
             if self._store_makes_refresh_unneeded(tokens, request):
-                self._adopt(stored)
+                self._adopt_refreshed_elsewhere(stored)
                 return tokens
             return await self._refresh_at_pleo(stored, tokens, refresh_token)
+
+    def _adopt_refreshed_elsewhere(self, stored: StoredState) -> None:
+        """Take the store's tokens instead of refreshing; counted when they are new to us."""
+        mine = self.tokens
+        self._adopt(stored)
+        if stored.tokens is not None and (
+            mine is None or mine.access_token != stored.tokens.access_token
+        ):
+            self._events.refreshed("adopted")
+            log.info(
+                "adopted tokens another process refreshed",
+                extra={"fields": {"event": "refresh", "outcome": "adopted"}},
+            )
 
     def _refreshable(self, stored: StoredState | None) -> tuple[TokenSet, Secret]:
         """The stored tokens and refresh token; raises when there is nothing to refresh."""
@@ -351,13 +391,26 @@ class TokenManager:
             )
         except ReauthorizationRequired as exc:
             reason = INTERRUPTED_REASON if interrupted else exc.detail
+            self._events.refreshed("invalid_grant")
             await self._end_grant(marked, reason)
             raise self._reauth_error() from None
         except ClientRejected as exc:
             self._client_rejected = exc.detail
+            self._events.refreshed("client_rejected")
+            log.warning(
+                "refresh failed: Pleo rejected the client (%s)",
+                exc.detail,
+                extra={"fields": {"event": "refresh", "outcome": "client_rejected"}},
+            )
             await self._save_outcome(marked, "client_rejected")
             raise
-        except OAuthError:
+        except OAuthError as exc:
+            self._events.refreshed("transient")
+            log.warning(
+                "refresh failed, will retry: %s",
+                exc.detail,
+                extra={"fields": {"event": "refresh", "outcome": "transient"}},
+            )
             await self._save_outcome(marked, "transient")
             raise
         if not new_tokens.scopes:
@@ -373,7 +426,12 @@ class TokenManager:
         # Persist before use: the old refresh token died when Pleo answered.
         await self._store.save(fresh)
         self._adopt(fresh)
-        log.info("refreshed the access token (valid for %.0f s)", new_tokens.lifetime)
+        self._events.refreshed("ok")
+        log.info(
+            "refreshed the access token (valid for %.0f s)",
+            new_tokens.lifetime,
+            extra={"fields": {"event": "refresh", "outcome": "ok"}},
+        )
         return new_tokens
 
     async def _save_outcome(self, marked: StoredState, outcome: str) -> None:
