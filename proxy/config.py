@@ -229,7 +229,8 @@ _SIZE_UNITS |= {"mb": 1000**2, "gb": 1000**3}
 def _quantity(value: object, units: Mapping[str, float], expected: str) -> float:
     number: float | None = None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
+        # float() of a YAML integer past ~1e308 raises OverflowError; inf is refused below.
+        number = float(value) if abs(value) < 1e308 else math.inf
     elif isinstance(value, str) and (m := _QUANTITY.fullmatch(value.strip())):
         unit = units.get(m[2].lower())
         number = None if unit is None else float(m[1]) * unit
@@ -463,7 +464,7 @@ class _Reader:
             self.add(path, f"expected a mapping, got {_describe(value)}")
         for key, raw in value.items() if isinstance(value, Mapping) else ():
             self.seq += 1
-            key_path = f"{path}.{key}" if path else str(key)
+            key_path = _key_path(path, key)
             entry = spec.get(key) if isinstance(key, str) else None
             if entry is None:
                 self.add(key_path, _unknown_key(key, spec))
@@ -481,6 +482,16 @@ class _Reader:
             where = f"{path}[{exc.index}]" if isinstance(exc, _AtItem) else path
             self.add(where, str(exc))
             return _INVALID
+
+
+_PLAIN_KEY = re.compile(r"[^\s:.\[\]'\"]+")
+
+
+def _key_path(path: str, key: object) -> str:
+    """`path.key`; an odd key (empty, not a string, with spaces or dots) is quoted by repr
+    so every problem still reads as one unambiguous `path: message` line."""
+    name = key if isinstance(key, str) and _PLAIN_KEY.fullmatch(key) else repr(key)
+    return f"{path}.{name}" if path else name
 
 
 def _unknown_key(key: object, spec: Spec) -> str:

@@ -654,3 +654,22 @@ def test_limits_out_of_range_or_mistyped_are_problems() -> None:
     assert problems(doc(limits={"max_headers": [1]})) == [
         "limits.max_headers: expected an integer, got a list"
     ]
+
+
+def test_numbers_too_large_for_a_float_are_problems_not_crashes() -> None:
+    assert problems(doc(timeouts={"read": 10**400}, limits={"max_header_size": -(10**400)})) == [
+        "timeouts.read: expected a duration like 90, '90s', '2m', '1h', '7d', got " + repr(10**400),
+        "limits.max_header_size: expected a size like 1048576, '512KiB', '1MiB', got "
+        + repr(-(10**400)),
+    ]
+
+
+def test_odd_unknown_keys_are_quoted_in_the_path() -> None:
+    lines = problems({"pleo": OAUTH, "": 1, 7: 2, "a b": 3, "listen": {"x.y": 1, None: 2}})
+    assert [line.partition(": ")[0] for line in lines] == [
+        "''",
+        "7",
+        "'a b'",
+        "listen.'x.y'",
+        "listen.None",
+    ]
