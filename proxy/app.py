@@ -340,11 +340,17 @@ def listen_sockets(config: Config, *, reuse_port: bool = False) -> list[socket.s
     return sockets
 
 
-async def _serve_until(stop: asyncio.Event, on_hup: Callable[[], None]) -> None:
+async def _serve_until(
+    stop: asyncio.Event, on_hup: Callable[[], None], announce: Callable[[], None]
+) -> None:
+    """Announce readiness, then wait for `stop`; signal handlers are in place before."""
     interval = sdnotify.watchdog_interval()
     watchdog = asyncio.create_task(sdnotify.watchdog_loop(interval)) if interval else None
     try:
+        # Handlers first: a SIGHUP right after READY=1 must reload, not end the process.
         with _signals_set(stop, on_hup):
+            announce()
+            sdnotify.notify("READY=1")
             await stop.wait()
     finally:
         sdnotify.notify("STOPPING=1")
@@ -379,10 +385,12 @@ async def serve(
         await runner.setup()
         for sock in sockets:
             await web.SockSite(runner, sock).start()
-        if on_listening is not None:
-            on_listening(_bound_addresses(runner))
-        sdnotify.notify("READY=1")
-        await _serve_until(stop, _reloader(app, runner, config_path))
+
+        def announce() -> None:
+            if on_listening is not None:
+                on_listening(_bound_addresses(runner))
+
+        await _serve_until(stop, _reloader(app, runner, config_path), announce)
     finally:
         await runner.cleanup()
         for sock in sockets:
