@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.app import build_app
+from proxy.app import build_app, serve
 from proxy.config import Config, Limits
 from proxy.limits import server_limits
 from tests.proxyproc import RawResponse, RecordingCredentials, proxy_config, raw_http
@@ -179,3 +179,35 @@ async def test_a_refusal_body_is_a_short_plain_answer(proxy_port: int) -> None:
     response: RawResponse = await raw_http(proxy_port, request("/v1/" + "a" * 400))
     assert response.status == 400
     assert len(response.body) < 1024  # at most a prefix of the line, never all of it
+
+
+async def test_serve_enforces_the_configured_limits(upstream: EchoUpstream) -> None:
+    """The served proxy (not only this module's harness) passes `server_limits` on."""
+    config = proxy_config(upstream.url, limits=LOW)
+    ports: list[int] = []
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        serve(
+            config,
+            credentials=RecordingCredentials(),
+            stop=stop,
+            on_listening=lambda addresses: ports.append(addresses[0][1]),
+        )
+    )
+    try:
+        async with asyncio.timeout(10):
+            while not ports:
+                await asyncio.sleep(0.01)
+        port = ports[0]
+        assert (await raw_http(port, request("/v1/ok", "X-Big: " + "v" * 400))).status == 400
+        assert upstream.hits == 0
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        async with asyncio.timeout(CLOSE_BOUND):
+            assert await read_until_closed(reader) == b""
+        writer.close()
+        assert time.monotonic() - started < CLOSE_BOUND
+        await assert_serves(port, upstream)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
