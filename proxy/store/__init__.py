@@ -10,7 +10,6 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
-from proxy.errors import StoreError
 from proxy.tokenset import StoredState
 
 if TYPE_CHECKING:
@@ -42,8 +41,9 @@ class TokenStore(Protocol):
 def open_store(config: Config) -> TokenStore:
     """The store the configuration names."""
     if config.tokens.store == "redis":
-        # TODO(redis store): blocked on the Redis store issue; the file store is the only one.
-        raise StoreError("tokens.store: the redis store is not available in this version")
+        from proxy.store.redis import RedisStore
+
+        return RedisStore.from_config(config)
     from proxy.store.file import FileStore
 
     return FileStore.from_config(config)
