@@ -130,6 +130,7 @@ class TokenManager:
         self._last_reread = float("-inf")
         self._client_rejected: str | None = None
         self._last_transient: str | None = None
+        self._unsaved: StoredState | None = None  # refreshed tokens whose write failed
         self._started = False
         self._page_url = _page_url(config.pleo.redirect_uri)
 
@@ -329,6 +330,7 @@ class TokenManager:
         waiting_since = time.monotonic()
         async with self._store.lock(lock_timeout):
             self._events.lock_waited(time.monotonic() - waiting_since)
+            await self._flush_unsaved()
             # Another process may have refreshed (or ended the grant) meanwhile.
             stored = await self._store.load()
             self._last_reread = self._clock()
@@ -424,7 +426,17 @@ class TokenManager:
             refresh_count=marked.refresh_count + 1,
         )
         # Persist before use: the old refresh token died when Pleo answered.
-        await self._store.save(fresh)
+        try:
+            await self._store.save(fresh)
+        except StoreError:
+            # These are now the connection's only live tokens. Keep them, unused, in
+            # memory; every later refresh attempt writes them first (`_flush_unsaved`).
+            self._unsaved = fresh
+            log.error(
+                "could not persist the refreshed tokens; kept in memory until a write succeeds",
+                extra={"fields": {"event": "refresh", "outcome": "unsaved"}},
+            )
+            raise
         self._adopt(fresh)
         self._events.refreshed("ok")
         log.info(
@@ -433,6 +445,18 @@ class TokenManager:
             extra={"fields": {"event": "refresh", "outcome": "ok"}},
         )
         return new_tokens
+
+    async def _flush_unsaved(self) -> None:
+        """Write tokens whose save failed after Pleo rotated (call under the lock).
+
+        Until this succeeds nothing is sent to Pleo: the stored refresh token is spent.
+        """
+        if self._unsaved is None:
+            return
+        await self._store.save(self._unsaved)
+        self._adopt(self._unsaved)
+        self._unsaved = None
+        log.info("persisted the refreshed tokens that were kept in memory")
 
     async def _save_outcome(self, marked: StoredState, outcome: str) -> None:
         """Record a failed attempt and clear the in-progress mark."""
@@ -489,6 +513,8 @@ class TokenManager:
 
     def next_refresh_at(self, now: float) -> float | None:
         """When the background task should refresh next, or None while unauthorised."""
+        if self._unsaved is not None:
+            return now  # retry the write of the only live tokens
         stored = self._stored
         if stored is None or stored.tokens is None or stored.reauth_reason is not None:
             return None
