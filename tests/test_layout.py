@@ -17,7 +17,7 @@ TESTS = ROOT / "tests"
 COVERED_BY = {
     "proxy/__init__.py": None,
     "proxy/__main__.py": "tests/test_cli.py",
-    "proxy/access_log.py": "tests/test_e2e.py",
+    "proxy/access_log.py": "tests/test_access_log.py",
     "proxy/authorise_pages.py": "tests/test_authorise.py",
     "proxy/credentials.py": "tests/test_forward.py",
     "proxy/demo.py": "tests/test_e2e.py",
