@@ -8,6 +8,7 @@
     │   ├── ReauthorizationRequired the grant has ended; a person must consent again (503)
     │   ├── ClientRejected          invalid_client / unauthorized_client (503, tokens kept)
     │   └── TransientOAuthError     network, timeout, 5xx, 429: worth retrying later
+    ├── ClientBodyTimeout           the client stopped sending its request body (408)
     └── UpstreamError               the Pleo API could not be reached
         ├── UpstreamUnreachable     connect failed or connection reset (502)
         └── UpstreamTimeout         no byte within the read timeout (504)
@@ -98,6 +99,11 @@ class TransientOAuthError(OAuthError):
     def __init__(self, detail: str, *, retry_after: float | None = None) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
+
+
+class ClientBodyTimeout(ProxyError):
+    code = "request_timeout"
+    status = 408
 
 
 class UpstreamError(ProxyError):

@@ -9,6 +9,7 @@ Must not parse OAuth responses, refresh tokens, decompress, or read bodies whole
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -23,7 +24,7 @@ from yarl import URL
 from proxy.access_log import REQUEST_ID_HEADER, add_upstream_time, request_id
 from proxy.config import Config
 from proxy.credentials import CredentialSource
-from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import ClientBodyTimeout, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from proxy.keys import CREDENTIALS_KEY, UPSTREAM_SESSION_KEY
 from proxy.metrics import metrics_of
 from proxy.reload import current_config
@@ -94,13 +95,34 @@ def map_client_errors() -> Iterator[None]:
     """
     try:
         yield
-    except TimeoutError as exc:  # also aiohttp.ServerTimeoutError and its subclasses
-        raise UpstreamTimeout("the Pleo API did not answer within the timeout") from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise UpstreamUnreachable("cannot connect to the Pleo API") from exc
-    except (aiohttp.ClientError, ConnectionError) as exc:
-        kind = type(exc).__name__
-        raise UpstreamUnreachable(f"the connection to the Pleo API failed ({kind})") from exc
+    except ClientBodyTimeout:
+        raise
+    except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+        # aiohttp wraps a failure of the streamed request body: when the cause is our
+        # client going silent, that is the answer, not an upstream failure.
+        cause = _body_timeout_cause(exc)
+        if cause is not None:
+            raise cause from None
+        raise _upstream_error(exc) from exc
+
+
+def _body_timeout_cause(exc: BaseException) -> ClientBodyTimeout | None:
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, ClientBodyTimeout):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _upstream_error(exc: BaseException) -> UpstreamError:
+    if isinstance(exc, TimeoutError):  # also aiohttp.ServerTimeoutError and its subclasses
+        return UpstreamTimeout("the Pleo API did not answer within the timeout")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamUnreachable("cannot connect to the Pleo API")
+    return UpstreamUnreachable(f"the connection to the Pleo API failed ({type(exc).__name__})")
 
 
 def upstream_url(api_url: str, raw_path: str) -> URL:
@@ -159,11 +181,22 @@ async def _send_continue(request: web.Request) -> None:
         request.writer.output_size = 0
 
 
-async def _read_up_to(stream: aiohttp.StreamReader, limit: int) -> bytes:
+async def _read_chunk(stream: aiohttp.StreamReader, size: int, stall_after: float) -> bytes:
+    """One read of the client's body; a client that stops sending is cut off."""
+    try:
+        async with asyncio.timeout(stall_after):
+            return await (stream.read(size) if size > 0 else stream.readany())
+    except TimeoutError:
+        raise ClientBodyTimeout(
+            f"no request body bytes for {stall_after:g} s; the request was abandoned"
+        ) from None
+
+
+async def _read_up_to(stream: aiohttp.StreamReader, limit: int, stall_after: float) -> bytes:
     parts: list[bytes] = []
     size = 0
     while size < limit:
-        chunk = await stream.read(min(CHUNK_SIZE, limit - size))
+        chunk = await _read_chunk(stream, min(CHUNK_SIZE, limit - size), stall_after)
         if not chunk:
             break
         parts.append(chunk)
@@ -171,30 +204,35 @@ async def _read_up_to(stream: aiohttp.StreamReader, limit: int) -> bytes:
     return b"".join(parts)
 
 
-async def _relay_stream(prefix: bytes, stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+async def _relay_stream(
+    prefix: bytes, stream: aiohttp.StreamReader, stall_after: float
+) -> AsyncIterator[bytes]:
     if prefix:
         yield prefix
     # Whatever has arrived, as it is: re-cutting into exact sizes halved upload
     # throughput (bench/README.md); the reader's buffer limit still bounds memory.
-    async for chunk in stream.iter_any():
+    while chunk := await _read_chunk(stream, 0, stall_after):
         yield chunk
 
 
-async def read_body(request: web.Request, limit: int) -> Body:
-    """Decide up front whether the body can be replayed (kept, ≤ limit) or is streamed once."""
+async def read_body(request: web.Request, limit: int, *, stall_after: float) -> Body:
+    """Decide up front whether the body can be replayed (kept, ≤ limit) or is streamed once.
+
+    `stall_after` bounds each wait for client bytes (the read timeout, as upstream).
+    """
     if not request.body_exists:
         return Body()
     await _send_continue(request)
     length = request.content_length
     if length is not None and length <= limit:
-        return Body(data=await _read_up_to(request.content, length))
+        return Body(data=await _read_up_to(request.content, length, stall_after))
     if length is not None:
-        return Body(stream=_relay_stream(b"", request.content))
+        return Body(stream=_relay_stream(b"", request.content, stall_after))
     # Unknown length (chunked): read one byte past the limit to learn which case it is.
-    prefix = await _read_up_to(request.content, limit + 1)
+    prefix = await _read_up_to(request.content, limit + 1, stall_after)
     if len(prefix) <= limit:
         return Body(data=prefix)
-    return Body(stream=_relay_stream(prefix, request.content))
+    return Body(stream=_relay_stream(prefix, request.content, stall_after))
 
 
 def _outbound(request: web.Request, config: Config, body: Body) -> Outbound:
@@ -306,9 +344,22 @@ async def forward(request: web.Request) -> web.StreamResponse:
     config = current_config(request.app)
     session = request.config_dict[UPSTREAM_SESSION_KEY]
     credentials = request.config_dict[CREDENTIALS_KEY]
-    body = await read_body(request, config.refresh.replay_body_limit)
-    outbound = _outbound(request, config, body)
-    upstream, extra = await _exchange(session, credentials, outbound, _Observer(request))
+    try:
+        body = await read_body(
+            request, config.refresh.replay_body_limit, stall_after=config.timeouts.read
+        )
+        outbound = _outbound(request, config, body)
+        upstream, extra = await _exchange(session, credentials, outbound, _Observer(request))
+    except ClientBodyTimeout as err:
+        # The unread rest of the body makes the connection unusable: answer and close
+        # now (aiohttp would otherwise linger, reading, for up to 10 s).
+        response = web.json_response(err.body(), status=err.status)
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        if request.transport is not None:
+            request.transport.close()
+        return response
     try:
         return await _relay_response(request, upstream, extra)
     except BaseException:

@@ -1,0 +1,47 @@
+"""A client that stops sending its request body is cut off after the read timeout.
+
+Both cases: a small body kept for replay (nothing has gone upstream yet) and a large
+streamed one (the upstream request is already under way and is abandoned).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from proxy.config import Timeouts
+from tests.proxyproc import proxy_config
+from tests.test_limits import run_limited_proxy
+from tests.upstreams import run_echo_upstream
+
+
+@pytest.mark.parametrize(
+    ("length", "sent"),
+    [(100, 10), (5_000_000, 2_000_000)],
+    ids=["kept-for-replay", "streamed"],
+)
+async def test_a_stalled_request_body_is_cut_off_after_the_read_timeout(
+    length: int, sent: int
+) -> None:
+    async with run_echo_upstream() as upstream:
+        config = proxy_config(upstream.url, timeouts=Timeouts(connect=1.0, read=1.0, shutdown=2.0))
+        async with run_limited_proxy(config) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            head = f"POST /v1/x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {length}\r\n\r\n"
+            writer.write(head.encode() + b"x" * sent)  # part of the promised body, then nothing
+            await writer.drain()
+            try:
+                async with asyncio.timeout(5):
+                    answer = await reader.read()  # until the proxy answers and closes
+            finally:
+                writer.close()
+            assert answer.startswith(b"HTTP/1.1 408 ")
+            assert b'"request_timeout"' in answer
+            assert upstream.hits == 0
+            async with (
+                aiohttp.ClientSession() as client,
+                client.get(f"http://127.0.0.1:{proxy.port}/v1/ok") as resp,
+            ):
+                assert resp.status == 200
