@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -64,10 +66,22 @@ def _redact_value(value: Any, *, keep_setup: bool) -> Any:
     return value
 
 
+def _drop_request_bytes(record: logging.LogRecord) -> None:
+    """aiohttp logs a rejected request's parse error with the offending bytes in it
+    (e.g. the start of an over-long `Authorization` header): keep only the error's kind."""
+    exc_type = record.exc_info[0] if record.exc_info else None
+    if exc_type is not None and issubclass(exc_type, HttpProcessingError):
+        record.msg = f"{record.getMessage()} ({exc_type.__name__}; request bytes not logged)"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+
+
 class RedactingFilter(logging.Filter):
     """Formats the record's message once, redacted, so no argument escapes unmasked."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        _drop_request_bytes(record)
         keep_setup = record.name == SETUP_URL_LOGGER
         record.msg = redact(record.getMessage(), keep_setup=keep_setup)
         record.args = None
