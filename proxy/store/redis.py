@@ -254,7 +254,8 @@ class RedisStore:
         finally:
             extender.cancel()
             await asyncio.gather(extender, return_exceptions=True)
-            await self._release_quietly(token)
+            # Shielded: a second cancellation must not leave the lock to its TTL.
+            await asyncio.shield(self._release_quietly(token))
 
     async def _acquire(self, token: str, wait: float) -> None:
         """Poll SET NX with jittered sleeps until the lock is had or `wait` has passed."""

@@ -237,6 +237,7 @@ async def test_nothing_readable_at_rest_and_connections_are_kept_apart(
     two = open_store(_config(redis_url, tmp_path, client_id="client-two"))
     state = sample_state(9, marker="atrest")
     try:
+        await one.verify()  # its probe key is gone again
         await one.save(state)
         async with one.lock(1.0):
             keys = sorted(k if isinstance(k, str) else k.decode() for k in await raw.keys("*"))
