@@ -43,7 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     run = with_config("run", "serve the proxy")
     run.add_argument("--log-format", choices=["text", "json"], default=None)
     run.add_argument(
-        "--workers", type=_positive, default=1, metavar="N", help="processes on one port"
+        "--workers",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="processes on one port (default: the config's `workers`, else 1)",
     )
     # A worker of `--workers N` (listens with SO_REUSEPORT); not for people to use.
     run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -143,10 +147,11 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 def _run(config: Config, args: argparse.Namespace) -> int:
     """`run`: serve (or supervise workers); a start-up failure is one `error:` line, exit 1."""
     setup_logging(config.log_level, fmt=args.log_format)
-    if args.workers > 1 and not args.worker:
+    workers = args.workers if args.workers is not None else config.workers
+    if workers > 1 and not args.worker:
         from proxy.workers import supervise
 
-        return supervise(args.config, args.workers, log_format=args.log_format)
+        return supervise(args.config, workers, log_format=args.log_format)
     from proxy.app import serve
     from proxy.workers import announce_ready
 

@@ -136,6 +136,7 @@ class Config:
     refresh: Refresh = field(default_factory=Refresh)
     timeouts: Timeouts = field(default_factory=Timeouts)
     log_level: str = "info"  # one of LogLevel
+    workers: int = 1  # processes serving one port (SO_REUSEPORT), sharing the token store
     limits: Limits = field(default_factory=Limits)
 
 
@@ -539,6 +540,7 @@ def _spec(base_dir: Path, environ: Mapping[str, str]) -> Spec:
         },
         "timeouts": {k: positive for k in ("connect", "read", "token_request", "shutdown")},
         "log_level": _choice("log level", get_args(LogLevel)),
+        "workers": _within(_integer, 1, 64),
         "limits": {
             "max_request_line": _within(_size, 256, MIB),
             "max_header_size": _within(_size, 256, MIB),
@@ -618,6 +620,7 @@ def _build(values: dict[str, Any], reader: _Reader) -> Config:
         refresh=replace(Refresh(), **_valid(values.get("refresh", {}))),
         timeouts=replace(Timeouts(), **_valid(values.get("timeouts", {}))),
         log_level=_valid(values).get("log_level", "info"),
+        workers=_valid(values).get("workers", 1),
         limits=replace(Limits(), **_valid(values.get("limits", {}))),
     )
 

@@ -673,3 +673,13 @@ def test_odd_unknown_keys_are_quoted_in_the_path() -> None:
         "listen.'x.y'",
         "listen.None",
     ]
+
+
+def test_workers_default_and_range(tmp_path: Path) -> None:
+    env = {"PLEO_CLIENT_ID": "id", "PLEO_CLIENT_SECRET": "s"}
+    base = {"pleo": {"client_id": "id", "client_secret": "s"}}
+    assert parse_config(base, base_dir=tmp_path, environ=env).workers == 1
+    assert parse_config({**base, "workers": 4}, base_dir=tmp_path, environ=env).workers == 4
+    with pytest.raises(ConfigError) as caught:
+        parse_config({**base, "workers": 0}, base_dir=tmp_path, environ=env)
+    assert [p.path for p in caught.value.problems] == ["workers"]
