@@ -273,6 +273,11 @@ async def _logout(config: Config) -> int:
 async def _rotate_key(config: Config) -> int:
     from proxy.store.file import rotate_key
 
+    if config.tokens.store != "file":
+        # Re-sealing the shared Redis value for every instance is not built yet.
+        print("error: rotate-key supports tokens.store: file only", file=sys.stderr)
+        return EXIT_USAGE
+
     key_id = await rotate_key(config)
     print(f"token file re-sealed under key {key_id}")
     return EXIT_OK

@@ -160,3 +160,17 @@ async def test_rotate_key_reseals_under_a_new_key(sandbox: RunningSandbox, tmp_p
     code, out, _ = cli("token", "--config", str(config_file))
     assert code == 0
     assert out.strip() == tokens.access_token.reveal()
+
+
+def test_rotate_key_refuses_the_redis_store(tmp_path: Path) -> None:
+    config_file = write_config(
+        tmp_path / "c.yaml",
+        sandbox_url="http://127.0.0.1:9",
+        port=18080,
+        state_dir=tmp_path,
+        tokens={"store": "redis", "redis_url": "redis://127.0.0.1:9/0"},
+    )
+    code, _, err = cli("rotate-key", "--config", str(config_file))
+    assert code == 2
+    assert "tokens.store: file only" in err
+    assert not (tmp_path / "tokens.key").exists()
