@@ -7,6 +7,7 @@ The sandbox counts refresh grants and detects any reuse of a spent refresh token
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import aiohttp
 
+from proxy.tokens import INTERRUPTED_REASON
 from tests.flows import grant_tokens, sandbox_config
 from tests.processes import (
     free_port,
+    http_get,
     import_tokens,
     sandbox_process,
     start_proxy,
@@ -83,9 +86,41 @@ async def test_four_processes_share_one_token_file(tmp_path: Path) -> None:
     assert stats["refresh_grants"] <= SHARED_SECONDS * 2
 
 
+async def _restart_outcome(port: int, sandbox_url: str) -> str:
+    """ "authorised", or "interrupted" when the kill landed inside a refresh's window.
+
+    Between Pleo rotating the refresh token and the new one reaching the disk (a few
+    milliseconds), a SIGKILL loses the new tokens: nothing can save them. The contract
+    then asks for `reauthorization_required` with the reason "a refresh was
+    interrupted", one refused attempt, and no loop. Anything else fails the test.
+    """
+    base = f"http://127.0.0.1:{port}"
+    status, body = 0, b""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            status, body = await asyncio.to_thread(http_get, f"{base}/v1/introspect")
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        if status == 200:
+            return "authorised"
+        _, raw = await asyncio.to_thread(http_get, f"{base}/_proxy/status")
+        if json.loads(raw).get("reason") == INTERRUPTED_REASON:
+            calls = (await get_stats(sandbox_url))["token_requests"]
+            for _ in range(5):  # no loop: further requests send nothing to Pleo
+                assert (await asyncio.to_thread(http_get, f"{base}/v1/introspect"))[0] == 503
+            await asyncio.sleep(1.2)
+            assert (await get_stats(sandbox_url))["token_requests"] == calls
+            return "interrupted"
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not authorised after a restart: {status} {body!r}")
+
+
 async def test_proxy_killed_around_refreshes_stays_authorised(tmp_path: Path) -> None:
     port = free_port()
     state_dir = tmp_path / "state"
+    interrupted = 0
     with sandbox_process() as sandbox_url:
         config_file = write_config(
             tmp_path / "proxy.yaml", sandbox_url=sandbox_url, port=port, state_dir=state_dir
@@ -95,8 +130,12 @@ async def test_proxy_killed_around_refreshes_stays_authorised(tmp_path: Path) ->
         rng = random.Random(os.environ.get("PLEO_PROXY_SEED", "kill"))
         for _ in range(KILL_ROUNDS):
             proc = start_proxy(config_file)
+            traffic: asyncio.Task[None] | None = None
             try:
-                await asyncio.to_thread(wait_for, f"http://127.0.0.1:{port}/v1/introspect")
+                if await _restart_outcome(port, sandbox_url) == "interrupted":
+                    interrupted += 1
+                    await _authorise_shared_store(sandbox_url, config_file, state_dir)
+                    continue
                 results: Counter[str] = Counter()
                 traffic = asyncio.create_task(
                     _traffic([port], time.monotonic() + 5, results, workers=4)
@@ -105,15 +144,21 @@ async def test_proxy_killed_around_refreshes_stays_authorised(tmp_path: Path) ->
             finally:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(timeout=10)
-            traffic.cancel()
-            await asyncio.gather(traffic, return_exceptions=True)
-        # The last restart: still authorised, and no refresh token was ever presented twice.
+                if traffic is not None:
+                    traffic.cancel()
+                    await asyncio.gather(traffic, return_exceptions=True)
+        # The last restart: authorised.
         proc = start_proxy(config_file)
         try:
-            await asyncio.to_thread(wait_for, f"http://127.0.0.1:{port}/v1/introspect")
+            assert await _restart_outcome(port, sandbox_url) == "authorised"
             await asyncio.to_thread(wait_for, f"http://127.0.0.1:{port}/_proxy/readyz")
         finally:
             stop(proc)
         stats = await get_stats(sandbox_url)
-    assert stats["reuse_detected"] == 0
+    print(f"{KILL_ROUNDS} kills, {interrupted} inside a refresh's window, {stats}")
+    # A spent refresh token was presented once per interrupted round, never more.
+    assert stats["reuse_detected"] == interrupted
+    # Kills are uniform in time and the window is milliseconds in a 500 ms refresh cycle:
+    # more than two such rounds in twenty means tokens are not persisted promptly.
+    assert interrupted <= 2
     assert stats["refresh_grants"] >= KILL_ROUNDS / 2
