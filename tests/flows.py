@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -9,9 +12,11 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 
 from proxy import oauth, pkce
-from proxy.config import Config, Listen, Pleo, Refresh, Timeouts, TokensConfig
+from proxy.config import Config, Refresh, Timeouts
+from proxy.demo import demo_config
 from proxy.secret import Secret
 from proxy.tokenset import TokenSet
+from tests.processes import import_tokens
 
 SCOPES = ("users:read", "test:test")
 
@@ -25,20 +30,16 @@ def sandbox_config(
     before_expiry: float = 120.0,
     client_secret: str = "sandbox-secret",
 ) -> Config:
-    """A proxy configuration for the sandbox at `sandbox_url`, state in `state_dir`."""
-    return Config(
-        listen=Listen(host="127.0.0.1", port=port),
-        pleo=Pleo(
-            environment="sandbox",
-            api_url=sandbox_url,
-            authorize_url=f"{sandbox_url}/oauth/authorize",
-            token_url=f"{sandbox_url}/oauth/token",
-            client_id="sandbox-client",
+    """The demo's configuration for the sandbox at `sandbox_url`, with test timeouts."""
+    config = demo_config(port=port, sandbox_url=sandbox_url, state_dir=state_dir)
+    return replace(
+        config,
+        pleo=replace(
+            config.pleo,
             client_secret=Secret(client_secret),
             scopes=SCOPES,
             redirect_uri=redirect_uri,
         ),
-        tokens=TokensConfig(path=state_dir / "tokens.enc", key_file=state_dir / "tokens.key"),
         refresh=Refresh(before_expiry=before_expiry),
         timeouts=Timeouts(token_request=5.0, connect=2.0, read=30.0, shutdown=5.0),
     )
@@ -66,3 +67,26 @@ async def grant_tokens(config: Config, *, now: float) -> TokenSet:
         return await oauth.exchange_code(
             session, config.pleo, code=Secret(code), code_verifier=verifier, timeout=5, now=now
         )
+
+
+async def authorise_store(sandbox_url: str, config_file: Path, state_dir: Path) -> None:
+    """Tokens from the sandbox, stored through `pleo-proxy import-tokens --config FILE`."""
+    tokens = await grant_tokens(sandbox_config(sandbox_url, state_dir), now=time.time())
+    await asyncio.to_thread(import_tokens, config_file, tokens)
+
+
+async def traffic(ports: list[int], until: float, results: Counter[str], workers: int) -> None:
+    """`workers` clients GET /v1/introspect round-robin over `ports` until `until`."""
+
+    async def worker(index: int) -> None:
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < until:
+                port = ports[index % len(ports)]
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/v1/introspect") as resp:
+                        await resp.read()
+                        results[str(resp.status)] += 1
+                except aiohttp.ClientError as exc:
+                    results[type(exc).__name__] += 1
+
+    await asyncio.gather(*(worker(i) for i in range(workers)))

@@ -15,14 +15,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import aiohttp
-
 from proxy.tokens import INTERRUPTED_REASON
-from tests.flows import grant_tokens, sandbox_config
+from tests.flows import authorise_store, traffic
 from tests.processes import (
     free_port,
     http_get,
-    import_tokens,
     sandbox_process,
     start_proxy,
     stop,
@@ -33,27 +30,6 @@ from tests.sandboxes import get_stats, set_knobs
 
 SHARED_SECONDS = float(os.environ.get("PLEO_PROXY_SHARED_SECONDS", "60"))
 KILL_ROUNDS = int(os.environ.get("PLEO_PROXY_KILL_ROUNDS", "20"))
-
-
-async def _authorise_shared_store(sandbox_url: str, config_file: Path, state_dir: Path) -> None:
-    config = sandbox_config(sandbox_url, state_dir)
-    tokens = await grant_tokens(config, now=time.time())
-    await asyncio.to_thread(import_tokens, config_file, tokens)
-
-
-async def _traffic(ports: list[int], until: float, results: Counter[str], workers: int) -> None:
-    async def worker(index: int) -> None:
-        async with aiohttp.ClientSession() as session:
-            while time.monotonic() < until:
-                port = ports[index % len(ports)]
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/v1/introspect") as resp:
-                        await resp.read()
-                        results[str(resp.status)] += 1
-                except aiohttp.ClientError as exc:
-                    results[type(exc).__name__] += 1
-
-    await asyncio.gather(*(worker(i) for i in range(workers)))
 
 
 async def test_four_processes_share_one_token_file(tmp_path: Path) -> None:
@@ -67,13 +43,13 @@ async def test_four_processes_share_one_token_file(tmp_path: Path) -> None:
             )
             for i, port in enumerate(ports)
         ]
-        await _authorise_shared_store(sandbox_url, configs[0], state_dir)
+        await authorise_store(sandbox_url, configs[0], state_dir)
         procs = [start_proxy(c) for c in configs]
         try:
             for port in ports:
                 await asyncio.to_thread(wait_for, f"http://127.0.0.1:{port}/_proxy/healthz")
             results: Counter[str] = Counter()
-            await _traffic(ports, time.monotonic() + SHARED_SECONDS, results, workers=16)
+            await traffic(ports, time.monotonic() + SHARED_SECONDS, results, workers=16)
         finally:
             for proc in procs:
                 stop(proc)
@@ -126,27 +102,27 @@ async def test_proxy_killed_around_refreshes_stays_authorised(tmp_path: Path) ->
             tmp_path / "proxy.yaml", sandbox_url=sandbox_url, port=port, state_dir=state_dir
         )
         await set_knobs(sandbox_url, access_ttl=1)
-        await _authorise_shared_store(sandbox_url, config_file, state_dir)
+        await authorise_store(sandbox_url, config_file, state_dir)
         rng = random.Random(os.environ.get("PLEO_PROXY_SEED", "kill"))
         for _ in range(KILL_ROUNDS):
             proc = start_proxy(config_file)
-            traffic: asyncio.Task[None] | None = None
+            load: asyncio.Task[None] | None = None
             try:
                 if await _restart_outcome(port, sandbox_url) == "interrupted":
                     interrupted += 1
-                    await _authorise_shared_store(sandbox_url, config_file, state_dir)
+                    await authorise_store(sandbox_url, config_file, state_dir)
                     continue
                 results: Counter[str] = Counter()
-                traffic = asyncio.create_task(
-                    _traffic([port], time.monotonic() + 5, results, workers=4)
+                load = asyncio.create_task(
+                    traffic([port], time.monotonic() + 5, results, workers=4)
                 )
                 await asyncio.sleep(rng.uniform(0.1, 2.0))
             finally:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(timeout=10)
-                if traffic is not None:
-                    traffic.cancel()
-                    await asyncio.gather(traffic, return_exceptions=True)
+                if load is not None:
+                    load.cancel()
+                    await asyncio.gather(load, return_exceptions=True)
         # The last restart: authorised.
         proc = start_proxy(config_file)
         try:

@@ -11,15 +11,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from proxy.store.crypto import format_key, generate_key, write_private
-from tests.flows import grant_tokens, sandbox_config
+from tests.flows import authorise_store, traffic
 from tests.processes import (
     free_port,
     http_get,
-    import_tokens,
     sandbox_process,
     start_proxy,
     stop,
@@ -51,26 +49,6 @@ def _configs(
     return out
 
 
-async def _authorise(sandbox_url: str, config_file: Path, state_dir: Path) -> None:
-    tokens = await grant_tokens(sandbox_config(sandbox_url, state_dir), now=time.time())
-    await asyncio.to_thread(import_tokens, config_file, tokens)
-
-
-async def _traffic(ports: list[int], until: float, results: Counter[str], workers: int) -> None:
-    async def worker(index: int) -> None:
-        async with aiohttp.ClientSession() as session:
-            while time.monotonic() < until:
-                port = ports[index % len(ports)]
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/v1/introspect") as resp:
-                        await resp.read()
-                        results[str(resp.status)] += 1
-                except aiohttp.ClientError as exc:
-                    results[type(exc).__name__] += 1
-
-    await asyncio.gather(*(worker(i) for i in range(workers)))
-
-
 async def test_two_sidecars_share_one_connection_through_redis(
     tmp_path: Path,
     redis_url: str,  # noqa: F811
@@ -82,13 +60,13 @@ async def test_two_sidecars_share_one_connection_through_redis(
     with sandbox_process() as sandbox_url:
         await set_knobs(sandbox_url, access_ttl=2)
         instances = _configs(tmp_path, sandbox_url, redis_url, ports)
-        await _authorise(sandbox_url, *instances[0])
+        await authorise_store(sandbox_url, *instances[0])
         procs = [start_proxy(config) for config, _ in instances]
         try:
             for port in ports:
                 await asyncio.to_thread(wait_for, f"http://127.0.0.1:{port}/_proxy/healthz")
             results: Counter[str] = Counter()
-            await _traffic(ports, time.monotonic() + SHARED_SECONDS, results, workers=8)
+            await traffic(ports, time.monotonic() + SHARED_SECONDS, results, workers=8)
         finally:
             for proc in procs:
                 stop(proc)
@@ -127,7 +105,7 @@ async def test_an_unauthorised_instance_picks_up_tokens_another_stored(
                 )
                 assert status == 503
             # Stored through the first instance's configuration, while both run.
-            await _authorise(sandbox_url, *instances[0])
+            await authorise_store(sandbox_url, *instances[0])
             for port in ports:
                 await asyncio.to_thread(
                     wait_for, f"http://127.0.0.1:{port}/v1/introspect", timeout=PICKUP_TIMEOUT
