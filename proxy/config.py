@@ -19,30 +19,30 @@ import yaml
 
 from proxy.config_values import (
     MIB,
+    AtItem,
     Parser,
-    _api_url,
-    _AtItem,
-    _choice,
-    _describe,
-    _duration,
-    _existing_file,
-    _home,
-    _host,
-    _integer,
-    _list_of,
-    _origin,
-    _path,
-    _port,
-    _redis_url,
-    _scopes,
-    _secret,
-    _secret_file,
-    _size,
-    _string,
-    _substitute,
-    _url,
-    _within,
+    describe,
+    home_dir,
     is_loopback_host as is_loopback_host,
+    parse_api_url,
+    parse_choice,
+    parse_duration,
+    parse_existing_file,
+    parse_host,
+    parse_integer,
+    parse_list_of,
+    parse_origin,
+    parse_path,
+    parse_port,
+    parse_redis_url,
+    parse_scopes,
+    parse_secret,
+    parse_secret_file,
+    parse_size,
+    parse_string,
+    parse_url,
+    parse_within,
+    substitute,
 )
 from proxy.errors import ConfigError, Problem
 from proxy.secret import Secret
@@ -196,7 +196,7 @@ class _Reader:
         """The parsed keys of one mapping; absent keys are absent, failed ones `_INVALID`."""
         out: dict[str, Any] = {}
         if value is not None and not isinstance(value, Mapping):
-            self.add(path, f"expected a mapping, got {_describe(value)}")
+            self.add(path, f"expected a mapping, got {describe(value)}")
         for key, raw in value.items() if isinstance(value, Mapping) else ():
             self.seq += 1
             key_path = _key_path(path, key)
@@ -212,9 +212,9 @@ class _Reader:
 
     def value(self, raw: object, path: str, parse: Parser) -> Any:
         try:
-            return parse(_substitute(raw, self.environ))
+            return parse(substitute(raw, self.environ))
         except ValueError as exc:
-            where = f"{path}[{exc.index}]" if isinstance(exc, _AtItem) else path
+            where = f"{path}[{exc.index}]" if isinstance(exc, AtItem) else path
             self.add(where, str(exc))
             return _INVALID
 
@@ -237,48 +237,48 @@ def _unknown_key(key: object, spec: Spec) -> str:
 
 
 def _spec(base_dir: Path, environ: Mapping[str, str]) -> Spec:
-    path = _path(base_dir, environ)
-    positive, non_negative = _duration(zero_ok=False), _duration(zero_ok=True)
+    path = parse_path(base_dir, environ)
+    positive, non_negative = parse_duration(zero_ok=False), parse_duration(zero_ok=True)
     return {
         "listen": {
-            "host": _host,
-            "port": _port,
-            "allowed_hosts": _list_of(_host),
-            "allowed_origins": _list_of(_origin),
+            "host": parse_host,
+            "port": parse_port,
+            "allowed_hosts": parse_list_of(parse_host),
+            "allowed_origins": parse_list_of(parse_origin),
         },
         "pleo": {
-            "environment": _choice("environment", get_args(Environment)),
-            "api_url": _api_url,
-            "authorize_url": _url,
-            "token_url": _url,
-            "client_id": _string,
-            "client_secret": _secret,
-            "client_secret_file": _secret_file(path),
-            "token_auth_method": _choice("token auth method", get_args(TokenAuthMethod)),
-            "scopes": _scopes,
-            "redirect_uri": _url,
-            "api_key": _secret,
-            "api_key_file": _secret_file(path),
-            "ca_file": _existing_file(path),
+            "environment": parse_choice("environment", get_args(Environment)),
+            "api_url": parse_api_url,
+            "authorize_url": parse_url,
+            "token_url": parse_url,
+            "client_id": parse_string,
+            "client_secret": parse_secret,
+            "client_secret_file": parse_secret_file(path),
+            "token_auth_method": parse_choice("token auth method", get_args(TokenAuthMethod)),
+            "scopes": parse_scopes,
+            "redirect_uri": parse_url,
+            "api_key": parse_secret,
+            "api_key_file": parse_secret_file(path),
+            "ca_file": parse_existing_file(path),
         },
         "tokens": {
-            "store": _choice("store", get_args(StoreKind)),
+            "store": parse_choice("store", get_args(StoreKind)),
             "path": path,
             "key_file": path,
-            "redis_url": _redis_url,
+            "redis_url": parse_redis_url,
         },
         "refresh": {
             "before_expiry": non_negative,
-            "replay_body_limit": _size,
+            "replay_body_limit": parse_size,
             "keepalive": positive,
         },
         "timeouts": {k: positive for k in ("connect", "read", "token_request", "shutdown")},
-        "log_level": _choice("log level", get_args(LogLevel)),
-        "workers": _within(_integer, 1, 64),
+        "log_level": parse_choice("log level", get_args(LogLevel)),
+        "workers": parse_within(parse_integer, 1, 64),
         "limits": {
-            "max_request_line": _within(_size, 256, MIB),
-            "max_header_size": _within(_size, 256, MIB),
-            "max_headers": _within(_integer, 1, 10_000),
+            "max_request_line": parse_within(parse_size, 256, MIB),
+            "max_header_size": parse_within(parse_size, 256, MIB),
+            "max_headers": parse_within(parse_integer, 1, 10_000),
             "idle_timeout": positive,
         },
     }
@@ -336,7 +336,7 @@ def _build_tokens(values: dict[str, Any], reader: _Reader) -> TokensConfig:
     if state_dirs:  # systemd StateDirectory=; several are ':'-separated, the first is ours
         default_path = Path(state_dirs.split(":")[0]) / "tokens.enc"
     else:
-        default_path = _home(reader.environ) / ".local/state/pleo-proxy/tokens.enc"
+        default_path = home_dir(reader.environ) / ".local/state/pleo-proxy/tokens.enc"
     path: Path = valid.get("path", default_path)
     key_file: Path = valid.get("key_file", path.with_name("tokens.key"))
     if valid.get("store") == "redis" and "redis_url" not in values:

@@ -41,7 +41,7 @@ T = TypeVar("T")
 Parser = Callable[[object], Any]
 
 
-class _AtItem(ValueError):
+class AtItem(ValueError):
     """A problem with one item of a list: reported at `key[index]`."""
 
     def __init__(self, index: int, message: str) -> None:
@@ -49,7 +49,7 @@ class _AtItem(ValueError):
         self.index = index
 
 
-def _describe(value: object) -> str:
+def describe(value: object) -> str:
     if isinstance(value, Mapping):
         return "a mapping"
     if isinstance(value, list):
@@ -57,15 +57,15 @@ def _describe(value: object) -> str:
     return repr(value)
 
 
-def _string(value: object) -> str:
+def parse_string(value: object) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {_describe(value)}")
+        raise ValueError(f"expected a string, got {describe(value)}")
     if not value.strip():
         raise ValueError("must not be empty")
     return value
 
 
-def _secret(value: object) -> Secret:
+def parse_secret(value: object) -> Secret:
     # Never echo: whatever sits at a secret key may be the secret, even when mistyped.
     if not isinstance(value, str):
         raise ValueError("expected a string")
@@ -74,17 +74,17 @@ def _secret(value: object) -> Secret:
     return Secret(value)
 
 
-def _integer(value: object) -> int:
+def parse_integer(value: object) -> int:
     # Numeric strings are accepted because `${PORT}` substitutes to a string.
     if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
         return int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"expected an integer, got {_describe(value)}")
+        raise ValueError(f"expected an integer, got {describe(value)}")
     return value
 
 
-def _port(value: object) -> int:
-    port = _integer(value)
+def parse_port(value: object) -> int:
+    port = parse_integer(value)
     if not 0 <= port <= 65535:
         raise ValueError(f"expected a port from 0 to 65535, got {port}")
     return port
@@ -105,13 +105,13 @@ def _quantity(value: object, units: Mapping[str, float], expected: str) -> float
         unit = units.get(m[2].lower())
         number = None if unit is None else float(m[1]) * unit
     if number is None or not math.isfinite(number):
-        raise ValueError(f"expected {expected}, got {_describe(value)}")
+        raise ValueError(f"expected {expected}, got {describe(value)}")
     if number < 0:
-        raise ValueError(f"must not be negative, got {_describe(value)}")
+        raise ValueError(f"must not be negative, got {describe(value)}")
     return number
 
 
-def _duration(*, zero_ok: bool) -> Parser:
+def parse_duration(*, zero_ok: bool) -> Parser:
     def parse(value: object) -> float:
         seconds = _quantity(value, _DURATION_UNITS, "a duration like 90, '90s', '2m', '1h', '7d'")
         if seconds == 0 and not zero_ok:
@@ -121,37 +121,37 @@ def _duration(*, zero_ok: bool) -> Parser:
     return parse
 
 
-def _size(value: object) -> int:
+def parse_size(value: object) -> int:
     return int(_quantity(value, _SIZE_UNITS, "a size like 1048576, '512KiB', '1MiB'"))
 
 
-def _within(parse: Callable[[object], int], low: int, high: int) -> Parser:
+def parse_within(parse: Callable[[object], int], low: int, high: int) -> Parser:
     """`parse`, then a range check: limits outside it break every client or guard nothing."""
 
-    def parse_within(value: object) -> int:
+    def bounded(value: object) -> int:
         number = parse(value)
         if not low <= number <= high:
             raise ValueError(f"must be from {low} to {high}, got {number}")
         return number
 
-    return parse_within
+    return bounded
 
 
-def _choice(kind: str, choices: tuple[str, ...]) -> Parser:
+def parse_choice(kind: str, choices: tuple[str, ...]) -> Parser:
     """The one place closed choices (the `Literal` types) are checked against the YAML."""
 
     def parse(value: object) -> str:
         if not isinstance(value, str) or value not in choices:
             raise ValueError(
-                f"unknown {kind} {_describe(value)}; expected one of {', '.join(choices)}"
+                f"unknown {kind} {describe(value)}; expected one of {', '.join(choices)}"
             )
         return value
 
     return parse
 
 
-def _url(value: object, *, base_only: bool = False) -> str:
-    text = _string(value)
+def parse_url(value: object, *, base_only: bool = False) -> str:
+    text = parse_string(value)
     parts = urlsplit(text)
     if "@" in parts.netloc:  # checked first: a URL with userinfo is not echoed back
         raise ValueError("must not contain a user name or password")
@@ -168,20 +168,20 @@ def _url(value: object, *, base_only: bool = False) -> str:
     return text
 
 
-def _api_url(value: object) -> str:
+def parse_api_url(value: object) -> str:
     # Without the trailing slash, `api_url + request.raw_path` is the upstream URL.
-    return _url(value, base_only=True).rstrip("/")
+    return parse_url(value, base_only=True).rstrip("/")
 
 
-def _redis_url(value: object) -> str:
-    text = _string(value)
+def parse_redis_url(value: object) -> str:
+    text = parse_string(value)
     if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
         raise ValueError("expected a redis://, rediss:// or unix:// URL")
     return text
 
 
-def _origin(value: object) -> str:
-    text = _string(value)
+def parse_origin(value: object) -> str:
+    text = parse_string(value)
     parts = urlsplit(text)
     extra = parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc
     if parts.scheme not in ("http", "https") or not parts.hostname or extra:
@@ -190,45 +190,45 @@ def _origin(value: object) -> str:
     return f"{parts.scheme}://{parts.netloc.lower()}"
 
 
-def _host(value: object) -> str:
-    text = _string(value)
+def parse_host(value: object) -> str:
+    text = parse_string(value)
     if any(c in text for c in "/@?# \t"):
         raise ValueError(f"expected a host name, optionally with ':port', got {text!r}")
     return text
 
 
 def _scope(value: object) -> str:
-    text = _string(value)
+    text = parse_string(value)
     if any(c.isspace() for c in text):
         raise ValueError(f"a scope must not contain whitespace, got {text!r}")
     return text
 
 
-def _list_of(item: Callable[[object], T]) -> Callable[[object], tuple[T, ...]]:
+def parse_list_of(item: Callable[[object], T]) -> Callable[[object], tuple[T, ...]]:
     def parse(value: object) -> tuple[T, ...]:
         if not isinstance(value, list):
-            raise ValueError(f"expected a list, got {_describe(value)}")
+            raise ValueError(f"expected a list, got {describe(value)}")
         out: list[T] = []
         for index, element in enumerate(value):
             try:
                 out.append(item(element))
             except ValueError as exc:
-                raise _AtItem(index, str(exc)) from None
+                raise AtItem(index, str(exc)) from None
         return tuple(out)
 
     return parse
 
 
-def _scopes(value: object) -> tuple[str, ...]:
+def parse_scopes(value: object) -> tuple[str, ...]:
     # A string is split on spaces, so `scopes: ${PLEO_SCOPES}` works.
-    return _list_of(_scope)(value.split() if isinstance(value, str) else value)
+    return parse_list_of(_scope)(value.split() if isinstance(value, str) else value)
 
 
-def _path(base_dir: Path, environ: Mapping[str, str]) -> Callable[[object], Path]:
+def parse_path(base_dir: Path, environ: Mapping[str, str]) -> Callable[[object], Path]:
     def parse(value: object) -> Path:
-        text = _string(value)
+        text = parse_string(value)
         if text == "~" or text.startswith("~/"):
-            return _home(environ) / text[2:]
+            return home_dir(environ) / text[2:]
         if text.startswith("~"):
             raise ValueError(f"'~user' paths are not supported, got {text!r}")
         return base_dir / text  # an absolute `text` replaces base_dir
@@ -236,7 +236,7 @@ def _path(base_dir: Path, environ: Mapping[str, str]) -> Callable[[object], Path
     return parse
 
 
-def _existing_file(read_path: Callable[[object], Path]) -> Parser:
+def parse_existing_file(read_path: Callable[[object], Path]) -> Parser:
     def parse(value: object) -> Path:
         path = read_path(value)
         if not path.is_file():
@@ -246,7 +246,7 @@ def _existing_file(read_path: Callable[[object], Path]) -> Parser:
     return parse
 
 
-def _secret_file(read_path: Callable[[object], Path]) -> Parser:
+def parse_secret_file(read_path: Callable[[object], Path]) -> Parser:
     def parse(value: object) -> Secret:
         path = read_path(value)
         # Messages name the path and the OS reason, never the content.
@@ -266,7 +266,7 @@ def _secret_file(read_path: Callable[[object], Path]) -> Parser:
     return parse
 
 
-def _home(environ: Mapping[str, str]) -> Path:
+def home_dir(environ: Mapping[str, str]) -> Path:
     return Path(environ.get("HOME") or Path.home())
 
 
@@ -294,15 +294,15 @@ def _substitute_text(text: str, environ: Mapping[str, str]) -> str:
     return _REFERENCE.sub(expand, text)
 
 
-def _substitute(value: object, environ: Mapping[str, str]) -> object:
+def substitute(value: object, environ: Mapping[str, str]) -> object:
     if isinstance(value, str):
         return _substitute_text(value, environ)
     if isinstance(value, list):
         out: list[object] = []
         for index, element in enumerate(value):
             try:
-                out.append(_substitute(element, environ))
+                out.append(substitute(element, environ))
             except ValueError as exc:
-                raise _AtItem(index, str(exc)) from None
+                raise AtItem(index, str(exc)) from None
         return out
     return value
