@@ -12,12 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import logging
-import random
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -34,74 +31,26 @@ from proxy.errors import (
 )
 from proxy.secret import Secret
 from proxy.store import TokenStore
+from proxy.token_rules import (
+    BACKGROUND_TICK as BACKGROUND_TICK,
+    BACKOFF_CAP,
+    INTERRUPTED_REASON as INTERRUPTED_REASON,
+    MAX_ATTEMPTS as MAX_ATTEMPTS,
+    REREAD_INTERVAL as REREAD_INTERVAL,
+    RefreshRequest as RefreshRequest,
+    StateListener as StateListener,
+    TokenEvents as TokenEvents,
+    TokenState as TokenState,
+    backoff_delay as backoff_delay,
+    bearer as bearer,
+    iso_utc,
+    page_url_for,
+    refresh_margin as refresh_margin,
+    with_scopes,
+)
 from proxy.tokenset import StoredState, TokenSet
 
 log = logging.getLogger("proxy.tokens")
-
-# Bounds of the one retry loop for the token endpoint (vault agent's rule: only here).
-MAX_ATTEMPTS = 4
-BACKOFF_BASE = 0.5
-BACKOFF_CAP = 8.0
-# An instance without a usable token re-reads the shared store at most this often.
-REREAD_INTERVAL = 1.0
-# The background task never sleeps longer than this, so it notices store changes.
-BACKGROUND_TICK = 1.0
-INTERRUPTED_REASON = "a refresh was interrupted"
-
-
-class TokenState(enum.Enum):
-    UNAUTHORISED = "unauthorised"
-    AUTHORISED = "authorised"
-    REFRESHING = "refreshing"
-    REAUTHORIZATION_REQUIRED = "reauthorization_required"
-
-
-StateListener = Callable[["TokenState"], None]
-
-
-class TokenEvents:
-    """Hooks for what the manager does (metrics); the base class ignores them.
-
-    Outcomes: ok, transient, invalid_grant, client_rejected, adopted (another process
-    had already refreshed). Only fixed words and numbers: never a token.
-    """
-
-    def refreshed(self, outcome: str) -> None:
-        """A refresh attempt ended with `outcome`."""
-
-    def lock_waited(self, seconds: float) -> None:
-        """The store's refresh lock was granted after `seconds`."""
-
-
-def refresh_margin(tokens: TokenSet, before_expiry: float) -> float:
-    """Seconds before expiry at which to refresh: min(before_expiry, lifetime / 2)."""
-    return max(0.0, min(before_expiry, tokens.lifetime / 2))
-
-
-def bearer(tokens: TokenSet) -> Secret:
-    """The Authorization header value for `tokens`."""
-    return Secret(f"Bearer {tokens.access_token.reveal()}")
-
-
-def backoff_delay(attempt: int, *, retry_after: float | None = None) -> float:
-    """Exponential backoff with full jitter; a server's Retry-After wins when larger."""
-    delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))  # noqa: S311
-    return max(delay, min(retry_after or 0.0, BACKOFF_CAP * 4))
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
-
-
-@dataclasses.dataclass(frozen=True)
-class RefreshRequest:
-    """Why a refresh is wanted: a rejected token, a proactive/keep-alive due, or expiry."""
-
-    rejected: Secret | None = None  # the header Pleo answered 401 to
-    fresh_for: float = 0.0  # the token must stay valid this much longer to skip the refresh
-    force: bool = False  # keep-alive: refresh even if still fresh
 
 
 class TokenManager:
@@ -132,7 +81,7 @@ class TokenManager:
         self._last_transient: str | None = None
         self._unsaved: StoredState | None = None  # refreshed tokens whose write failed
         self._started = False
-        self._page_url = _page_url(config.pleo.redirect_uri)
+        self._page_url = page_url_for(config.pleo.redirect_uri)
 
     def use_timeouts(self, timeouts: Timeouts) -> None:
         """Timeouts from a reloaded configuration (token requests and lock waits)."""
@@ -416,7 +365,7 @@ class TokenManager:
             await self._save_outcome(marked, "transient")
             raise
         if not new_tokens.scopes:
-            new_tokens = _with_scopes(new_tokens, tokens.scopes)
+            new_tokens = with_scopes(new_tokens, tokens.scopes)
         now = self._clock()
         fresh = marked.evolve(
             tokens=new_tokens,
@@ -565,27 +514,15 @@ class TokenManager:
         tokens = stored.tokens
         return {
             "state": self._state.value,
-            "expires_at": _iso(tokens.expires_at) if tokens else None,
+            "expires_at": iso_utc(tokens.expires_at) if tokens else None,
             "scopes": list(tokens.scopes) if tokens else [],
             "subject": stored.subject,
             "company": stored.company_name,
             "last_refresh": {
-                "at": _iso(stored.last_refresh_at),
+                "at": iso_utc(stored.last_refresh_at),
                 "outcome": stored.last_refresh_outcome,
             },
             "refresh_count": stored.refresh_count,
             "reason": stored.reauth_reason or self._client_rejected or self._last_transient,
             "authorize_url": self._page_url if tokens is None else None,
         }
-
-
-def _with_scopes(tokens: TokenSet, scopes: tuple[str, ...]) -> TokenSet:
-    return dataclasses.replace(tokens, scopes=scopes)
-
-
-def _page_url(redirect_uri: str) -> str:
-    """The authorise page URL without the setup code: same origin as the redirect URI."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(redirect_uri)
-    return f"{parts.scheme}://{parts.netloc}/_proxy/authorize"
