@@ -33,15 +33,17 @@ from tests.proxyproc import (
     run_child,
     run_proxy_app,
 )
-from tests.upstreams import EchoUpstream, Seen, pattern_chunks, pattern_sha256, run_echo_upstream
+from tests.upstreams import (
+    EchoUpstream,
+    Seen,
+    pattern_chunks,
+    pattern_sha256,
+    upstream,
+)
 
 MIB = 1024 * 1024
 
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[EchoUpstream]:
-    async with run_echo_upstream() as up:
-        yield up
+__all__ = ["upstream"]  # a fixture, used by name
 
 
 @pytest.fixture

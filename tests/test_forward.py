@@ -21,15 +21,11 @@ from yarl import URL
 from proxy.config import Pleo, Refresh, Timeouts
 from proxy.secret import Secret
 from tests.proxyproc import RecordingCredentials, proxy_config, raw_http, run_proxy_app
-from tests.upstreams import EchoUpstream, Responder, Seen, dead_port, run_echo_upstream
+from tests.upstreams import EchoUpstream, Responder, Seen, dead_port, upstream
 
 MIB = 1024 * 1024
 
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[EchoUpstream]:
-    async with run_echo_upstream() as up:
-        yield up
+__all__ = ["upstream"]  # a fixture, used by name
 
 
 @pytest.fixture

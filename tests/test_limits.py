@@ -20,7 +20,9 @@ from proxy.app import build_app, serve
 from proxy.config import Config, Limits
 from proxy.limits import server_limits
 from tests.proxyproc import RawResponse, RecordingCredentials, proxy_config, raw_http
-from tests.upstreams import EchoUpstream, run_echo_upstream
+from tests.upstreams import EchoUpstream, upstream
+
+__all__ = ["upstream"]  # a fixture, used by name
 
 LOW = Limits(max_request_line=300, max_header_size=300, max_headers=10, idle_timeout=1.0)
 CLOSE_BOUND = 5.0  # seconds: far above idle_timeout=1, far below the test timeout
@@ -35,12 +37,6 @@ async def run_limited_proxy(config: Config) -> AsyncIterator[TestServer]:
         yield server
     finally:
         await server.close()
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[EchoUpstream]:
-    async with run_echo_upstream() as running:
-        yield running
 
 
 @pytest.fixture

@@ -103,9 +103,10 @@ async def run_echo_upstream() -> AsyncIterator[EchoUpstream]:
 
 
 @pytest.fixture
-async def echo_upstream() -> AsyncIterator[EchoUpstream]:
-    async with run_echo_upstream() as upstream:
-        yield upstream
+async def upstream() -> AsyncIterator[EchoUpstream]:
+    """An echo upstream for one test (import it: `from tests.upstreams import upstream`)."""
+    async with run_echo_upstream() as echo:
+        yield echo
 
 
 @contextmanager
