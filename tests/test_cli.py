@@ -9,6 +9,7 @@ from pathlib import Path
 
 from proxy.config import load_config
 from proxy.store.file import FileStore
+from proxy.tokenset import TokenSet
 from tests.flows import grant_tokens, sandbox_config
 from tests.processes import cli, write_config
 from tests.sandboxes import RunningSandbox, get_stats, sandbox
@@ -48,28 +49,41 @@ def test_run_with_a_bad_config_exits_2(tmp_path: Path) -> None:
     assert err.startswith("listen: ")
 
 
-async def test_status_token_logout_round(sandbox: RunningSandbox, tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    config_file = write_config(
-        tmp_path / "c.yaml", sandbox_url=sandbox.url, port=18080, state_dir=state
+def _sandbox_config_file(sandbox: RunningSandbox, tmp_path: Path) -> Path:
+    return write_config(
+        tmp_path / "c.yaml", sandbox_url=sandbox.url, port=18080, state_dir=tmp_path / "state"
     )
-    code, out, _ = cli("status", "--config", str(config_file))
-    assert code == 0
-    assert json.loads(out)["state"] == "unauthorised"
 
+
+async def _import_granted(
+    sandbox: RunningSandbox, config_file: Path, *, expires_in: int
+) -> tuple[TokenSet, str]:
+    """Tokens from the sandbox, stored with `pleo-proxy import-tokens`; (tokens, its output)."""
+    state = config_file.parent / "state"
     tokens = await grant_tokens(sandbox_config(sandbox.url, state), now=time.time())
     assert tokens.refresh_token is not None
     doc = {
         "access_token": tokens.access_token.reveal(),
         "refresh_token": tokens.refresh_token.reveal(),
-        "expires_in": 600,
+        "expires_in": expires_in,
         "scope": "users:read",
     }
     code, out, err = cli(
         "import-tokens", "--config", str(config_file), stdin=json.dumps(doc).encode()
     )
     assert code == 0, err
-    assert tokens.access_token.reveal() not in out + err
+    return tokens, out + err
+
+
+async def test_status_token_logout_round(sandbox: RunningSandbox, tmp_path: Path) -> None:
+    config_file = _sandbox_config_file(sandbox, tmp_path)
+    code, out, _ = cli("status", "--config", str(config_file))
+    assert code == 0
+    assert json.loads(out)["state"] == "unauthorised"
+
+    tokens, printed = await _import_granted(sandbox, config_file, expires_in=600)
+    assert tokens.refresh_token is not None
+    assert tokens.access_token.reveal() not in printed
 
     code, out, _ = cli("status", "--config", str(config_file))
     status = json.loads(out)
@@ -101,21 +115,8 @@ async def test_status_token_logout_round(sandbox: RunningSandbox, tmp_path: Path
 
 
 async def test_token_refreshes_an_expired_token(sandbox: RunningSandbox, tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    config_file = write_config(
-        tmp_path / "c.yaml", sandbox_url=sandbox.url, port=18080, state_dir=state
-    )
-    tokens = await grant_tokens(sandbox_config(sandbox.url, state), now=time.time())
-    assert tokens.refresh_token is not None
-    doc = {
-        "access_token": tokens.access_token.reveal(),
-        "refresh_token": tokens.refresh_token.reveal(),
-        "expires_in": 1,
-    }
-    code, _, err = cli(
-        "import-tokens", "--config", str(config_file), stdin=json.dumps(doc).encode()
-    )
-    assert code == 0, err
+    config_file = _sandbox_config_file(sandbox, tmp_path)
+    tokens, _ = await _import_granted(sandbox, config_file, expires_in=1)
     await asyncio.sleep(1.1)
     # In a thread: the sandbox answers from this test's event loop.
     code, out, err = await asyncio.to_thread(cli, "token", "--config", str(config_file))
@@ -137,21 +138,9 @@ def test_import_tokens_rejects_bad_json(tmp_path: Path) -> None:
 
 
 async def test_rotate_key_reseals_under_a_new_key(sandbox: RunningSandbox, tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    config_file = write_config(
-        tmp_path / "c.yaml", sandbox_url=sandbox.url, port=18080, state_dir=state
-    )
-    tokens = await grant_tokens(sandbox_config(sandbox.url, state), now=time.time())
-    assert tokens.refresh_token is not None
-    doc = {
-        "access_token": tokens.access_token.reveal(),
-        "expires_in": 600,
-        "refresh_token": tokens.refresh_token.reveal(),
-    }
-    code, _, err = cli(
-        "import-tokens", "--config", str(config_file), stdin=json.dumps(doc).encode()
-    )
-    assert code == 0, err
+    config_file = _sandbox_config_file(sandbox, tmp_path)
+    state = config_file.parent / "state"
+    tokens, _ = await _import_granted(sandbox, config_file, expires_in=600)
     old_key = (state / "tokens.key").read_bytes()
     code, out, err = cli("rotate-key", "--config", str(config_file))
     assert code == 0, err
