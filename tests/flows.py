@@ -16,7 +16,7 @@ from proxy.config import Config, Refresh, Timeouts
 from proxy.demo import demo_config
 from proxy.secret import Secret
 from proxy.tokenset import TokenSet
-from tests.processes import import_tokens
+from tests.processes import import_tokens, start_proxy, stop, wait_for
 
 SCOPES = ("users:read", "test:test")
 
@@ -90,3 +90,19 @@ async def traffic(ports: list[int], until: float, results: Counter[str], workers
                     results[type(exc).__name__] += 1
 
     await asyncio.gather(*(worker(i) for i in range(workers)))
+
+
+async def traffic_through_proxies(
+    configs: list[Path], ports: list[int], seconds: float, *, workers: int
+) -> Counter[str]:
+    """Start `pleo-proxy run` for each config, send traffic for `seconds`, stop them."""
+    procs = [start_proxy(config) for config in configs]
+    try:
+        for port in ports:
+            await asyncio.to_thread(wait_for, f"http://127.0.0.1:{port}/_proxy/healthz")
+        results: Counter[str] = Counter()
+        await traffic(ports, time.monotonic() + seconds, results, workers=workers)
+        return results
+    finally:
+        for proc in procs:
+            stop(proc)

@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from proxy.tokens import INTERRUPTED_REASON
-from tests.flows import authorise_store, traffic
+from tests.flows import authorise_store, traffic, traffic_through_proxies
 from tests.processes import (
     free_port,
     http_get,
@@ -44,15 +44,7 @@ async def test_four_processes_share_one_token_file(tmp_path: Path) -> None:
             for i, port in enumerate(ports)
         ]
         await authorise_store(sandbox_url, configs[0], state_dir)
-        procs = [start_proxy(c) for c in configs]
-        try:
-            for port in ports:
-                await asyncio.to_thread(wait_for, f"http://127.0.0.1:{port}/_proxy/healthz")
-            results: Counter[str] = Counter()
-            await traffic(ports, time.monotonic() + SHARED_SECONDS, results, workers=16)
-        finally:
-            for proc in procs:
-                stop(proc)
+        results = await traffic_through_proxies(configs, ports, SHARED_SECONDS, workers=16)
         stats = await get_stats(sandbox_url)
     assert set(results) == {"200"}, results
     assert results["200"] > 1000

@@ -7,14 +7,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from proxy.store.crypto import format_key, generate_key, write_private
-from tests.flows import authorise_store, traffic
+from tests.flows import authorise_store, traffic_through_proxies
 from tests.processes import (
     free_port,
     http_get,
@@ -61,15 +59,8 @@ async def test_two_sidecars_share_one_connection_through_redis(
         await set_knobs(sandbox_url, access_ttl=2)
         instances = _configs(tmp_path, sandbox_url, redis_url, ports)
         await authorise_store(sandbox_url, *instances[0])
-        procs = [start_proxy(config) for config, _ in instances]
-        try:
-            for port in ports:
-                await asyncio.to_thread(wait_for, f"http://127.0.0.1:{port}/_proxy/healthz")
-            results: Counter[str] = Counter()
-            await traffic(ports, time.monotonic() + SHARED_SECONDS, results, workers=8)
-        finally:
-            for proc in procs:
-                stop(proc)
+        configs = [config for config, _ in instances]
+        results = await traffic_through_proxies(configs, ports, SHARED_SECONDS, workers=8)
         stats = await get_stats(sandbox_url)
     assert set(results) == {"200"}, results
     assert results["200"] > 500
