@@ -57,6 +57,12 @@ async def install_fresh(manager: TokenManager, config: Config) -> TokenSet:
     return tokens
 
 
+async def assert_one_refresh_no_reuse(sandbox: RunningSandbox) -> None:
+    stats = await get_stats(sandbox.url)
+    assert stats["refresh_grants"] == 1
+    assert stats["reuse_detected"] == 0
+
+
 def test_margin_is_half_the_lifetime_at_most() -> None:
     tokens = TokenSet(Secret("a"), Secret("r"), expires_at=100.0, lifetime=2.0)
     assert refresh_margin(tokens, 120) == 1.0
@@ -113,9 +119,7 @@ async def test_500_concurrent_requests_at_expiry_share_one_refresh(
         )
     assert len(set(h.reveal() for h in headers)) == 1
     assert headers[0] != bearer(old)
-    stats = await get_stats(sandbox.url)
-    assert stats["refresh_grants"] == 1
-    assert stats["reuse_detected"] == 0
+    await assert_one_refresh_no_reuse(sandbox)
 
 
 async def test_rejected_current_token_refreshes_once_and_old_token_does_not(
@@ -131,8 +135,7 @@ async def test_rejected_current_token_refreshes_once_and_old_token_does_not(
         again = await manager.on_rejected(bearer(old))
         assert again is not None
         assert again.reveal() in new
-    stats = await get_stats(sandbox.url)
-    assert stats["refresh_grants"] == 1
+    await assert_one_refresh_no_reuse(sandbox)
 
 
 async def test_revoked_grant_ends_in_reauthorization_and_wipes_tokens(
@@ -165,9 +168,7 @@ async def test_transient_token_endpoint_failures_are_retried(
         new = await asyncio.wait_for(manager.on_rejected(bearer(old)), 30)
         assert new is not None
         assert new != bearer(old)
-    stats = await get_stats(sandbox.url)
-    assert stats["refresh_grants"] == 1
-    assert stats["reuse_detected"] == 0
+    await assert_one_refresh_no_reuse(sandbox)
 
 
 async def test_rejected_client_keeps_tokens(sandbox: RunningSandbox, tmp_path: Path) -> None:
@@ -196,9 +197,7 @@ async def test_two_managers_on_one_file_never_reuse_a_refresh_token(
         await second.authorization()  # picks the tokens up from the shared store
         a, b = await asyncio.gather(first.on_rejected(bearer(old)), second.on_rejected(bearer(old)))
         assert a == b
-    stats = await get_stats(sandbox.url)
-    assert stats["refresh_grants"] == 1
-    assert stats["reuse_detected"] == 0
+    await assert_one_refresh_no_reuse(sandbox)
 
 
 async def test_interrupted_refresh_with_spent_token_reports_it(
