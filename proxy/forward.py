@@ -327,7 +327,8 @@ async def _relay_response(
     await response.prepare(request)
     try:
         with map_client_errors():
-            async for chunk in upstream.content.iter_chunked(CHUNK_SIZE):
+            # As it arrives, like uploads: re-cutting into exact sizes only costs copies.
+            async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
     except UpstreamError:
         # The status line is gone: the only honest signal left is a cut connection,
