@@ -29,7 +29,7 @@ from yarl import URL
 from proxy import sdnotify
 from proxy.access_log import AccessLogger, access_logger, send_request_id
 from proxy.admin import admin_routes
-from proxy.authorise import AUTHORISER_KEY, authorise_routes, authoriser_ctx
+from proxy.authorise import authorise_routes, authoriser_ctx
 from proxy.config import Config
 from proxy.credentials import ApiKeySource, CredentialSource
 from proxy.errors import ProxyError
@@ -172,12 +172,6 @@ async def _token_manager_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.close()
 
 
-async def _page_url_ctx(app: web.Application) -> AsyncIterator[None]:
-    """503 bodies name the authorise page where the authoriser serves it."""
-    app[TOKENS_KEY].set_page_url(app[AUTHORISER_KEY].page_url())
-    yield
-
-
 def _install_credentials(app: web.Application, credentials: CredentialSource | None) -> None:
     config = app[CONFIG_KEY]
     if credentials is not None:
@@ -189,7 +183,6 @@ def _install_credentials(app: web.Application, credentials: CredentialSource | N
         # authoriser subscribes to a started manager (no setup URL made for nothing).
         app.cleanup_ctx.append(_token_manager_ctx)
         app.cleanup_ctx.append(authoriser_ctx)
-        app.cleanup_ctx.append(_page_url_ctx)
 
 
 def build_app(

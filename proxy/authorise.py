@@ -24,8 +24,6 @@ from yarl import URL
 from proxy import authorise_pages as pages, oauth, pkce
 from proxy.authorise_pages import (
     AUTHORISER_KEY,
-    AUTHORIZE_PATH,
-    CALLBACK_PATH,
     FlowStart,
     authorise_routes,
     flow_cookie_name,
@@ -41,6 +39,12 @@ from proxy.keys import CLOCK_KEY, CONFIG_KEY, TOKENS_KEY, UPSTREAM_SESSION_KEY
 from proxy.secret import Secret
 from proxy.tokens import TokenManager, TokenState
 from proxy.tokenset import TokenSet
+from proxy.urls import (
+    authorise_page_url,
+    callback_reaches_proxy,
+    origin_of,
+    proxy_origin,
+)
 
 __all__ = [
     "AUTHORISER_KEY",
@@ -65,32 +69,6 @@ class Flow:
     verifier: Secret
     binding: Secret  # the value of the browser's cookie for this flow
     expires_at: float
-
-
-def proxy_origin(config: Config) -> str:
-    """Where applications reach the proxy, from `listen`."""
-    host = config.listen.host
-    if host in ("", "0.0.0.0", "::"):  # noqa: S104 - a wildcard listen is reachable locally
-        host = "localhost"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{config.listen.port}"
-
-
-def callback_reaches_proxy(config: Config) -> bool:
-    """True when Pleo sends the browser straight back to this proxy's callback route."""
-    return URL(config.pleo.redirect_uri).path == CALLBACK_PATH
-
-
-def page_origin(config: Config) -> str:
-    """Scheme, host and port of the authorise page.
-
-    Those of the redirect URI when it is our callback, so that the state cookie set by
-    the page is sent with the callback; otherwise the proxy's own (paste flow).
-    """
-    if callback_reaches_proxy(config):
-        return pages.origin_of(config.pleo.redirect_uri)
-    return proxy_origin(config)
 
 
 def url_file(config: Config) -> Path:
@@ -186,13 +164,13 @@ class Authoriser:
         self._flows = PendingFlows(clock)
         self._setup_code: str | None = None
         self._last_state: TokenState | None = None
-        self.form_origin = pages.origin_of(config.pleo.authorize_url)
+        self.form_origin = origin_of(config.pleo.authorize_url)
 
     # -- the setup code -------------------------------------------------------------
 
     def page_url(self) -> str:
         """The authorise page URL without the setup code (safe to show any client)."""
-        return page_origin(self._config) + AUTHORIZE_PATH
+        return authorise_page_url(self._config)
 
     def setup_url(self) -> str | None:
         """The page URL with the current setup code; None while connected."""

@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from yarl import URL
 
+from proxy.config import CALLBACK_PATH
+from proxy.urls import AUTHORIZE_PATH
+
 if TYPE_CHECKING:
     # Only for the key's type: authorise imports this module, not the other way round.
     from proxy.authorise import Authoriser
 
-AUTHORIZE_PATH = "/_proxy/authorize"
-CALLBACK_PATH = "/_proxy/callback"
 COOKIE_PATH = "/_proxy/"
 COOKIE_PREFIX = "pleo_proxy_flow_"
 # The outcome of every page, so tests and scripts can tell pages apart without the prose.
@@ -210,11 +211,6 @@ def security_headers(form_origin: str) -> dict[str, str]:
         "Cache-Control": "no-store",
         "X-Content-Type-Options": "nosniff",
     }
-
-
-def origin_of(url: str) -> str:
-    """`scheme://host[:port]` of `url`, as CSP source expressions and browsers write it."""
-    return str(URL(url).origin())
 
 
 def page(title: str, content: Html, *, status: int, name: str, form_origin: str) -> web.Response:

@@ -11,15 +11,14 @@ from __future__ import annotations
 import collections
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from proxy.config import Config
+from proxy.urls import origin_of
 
 RESERVED_PREFIX = "/_proxy/"
-CALLBACK_PATH = "/_proxy/callback"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CROSS_SITE_FETCH = frozenset({"cross-site", "same-site"})
@@ -77,7 +76,7 @@ class Policy:
             else:
                 exact.add(f"{name}:{port}")
         origins = {_normalise_origin(o) for o in config.listen.allowed_origins}
-        origins.add(_origin_of(config.pleo.redirect_uri))
+        origins.add(origin_of(config.pleo.redirect_uri).lower())
         return cls(
             frozenset(names), frozenset(exact), frozenset({config.listen.port}), frozenset(origins)
         )
@@ -167,11 +166,6 @@ def _bracketed(host: str) -> str:
 
 def _normalise_origin(origin: str) -> str:
     return origin.strip().rstrip("/").lower()
-
-
-def _origin_of(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 def view_of(request: web.Request) -> RequestView:

@@ -11,7 +11,6 @@ import enum
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
 
 from proxy.secret import Secret
 from proxy.tokenset import TokenSet
@@ -84,9 +83,3 @@ class RefreshRequest:
 
 def with_scopes(tokens: TokenSet, scopes: tuple[str, ...]) -> TokenSet:
     return dataclasses.replace(tokens, scopes=scopes)
-
-
-def page_url_for(redirect_uri: str) -> str:
-    """The authorise page URL without the setup code: same origin as the redirect URI."""
-    parts = urlsplit(redirect_uri)
-    return f"{parts.scheme}://{parts.netloc}/_proxy/authorize"

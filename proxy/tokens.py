@@ -44,11 +44,11 @@ from proxy.token_rules import (
     backoff_delay as backoff_delay,
     bearer as bearer,
     iso_utc,
-    page_url_for,
     refresh_margin as refresh_margin,
     with_scopes,
 )
 from proxy.tokenset import StoredState, TokenSet
+from proxy.urls import authorise_page_url
 
 log = logging.getLogger("proxy.tokens")
 
@@ -81,15 +81,11 @@ class TokenManager:
         self._last_transient: str | None = None
         self._unsaved: StoredState | None = None  # refreshed tokens whose write failed
         self._started = False
-        self._page_url = page_url_for(config.pleo.redirect_uri)
+        self._page_url = authorise_page_url(config)
 
     def use_timeouts(self, timeouts: Timeouts) -> None:
         """Timeouts from a reloaded configuration (token requests and lock waits)."""
         self._config = dataclasses.replace(self._config, timeouts=timeouts)
-
-    def set_page_url(self, url: str) -> None:
-        """Where the authorise page is served: named in 503 bodies and the status."""
-        self._page_url = url
 
     # -- state ---------------------------------------------------------------------
 

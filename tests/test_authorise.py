@@ -568,3 +568,17 @@ async def test_no_secret_in_any_page_or_log(
         for body in bodies:
             assert value not in body
         assert value not in logged
+
+
+def test_page_url_follows_the_callback_or_the_listen_address(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from proxy.urls import authorise_page_url
+
+    config = sandbox_config("http://127.0.0.1:9", tmp_path, port=18080)
+    assert authorise_page_url(config) == "http://localhost:8080/_proxy/authorize"
+    pasted = replace(
+        config, pleo=replace(config.pleo, redirect_uri="https://pleo.example.com/return")
+    )
+    # Paste flow: Pleo returns elsewhere, so the page (and every 503 body) names the proxy.
+    assert authorise_page_url(pasted) == "http://127.0.0.1:18080/_proxy/authorize"

@@ -27,6 +27,7 @@ COVERED_BY = {
     "proxy/secret.py": "tests/test_tokens.py",
     "proxy/token_rules.py": "tests/test_tokens.py",
     "proxy/tokenset.py": "tests/test_tokens.py",
+    "proxy/urls.py": "tests/test_authorise.py",
     "proxy/store/__init__.py": "tests/store/contract.py",
     "proxy/store/crypto.py": "tests/store/test_crypto.py",
     "proxy/store/file.py": "tests/store/test_file.py",
@@ -40,6 +41,7 @@ LEAVES = (
     "pkce",
     "tokenset",
     "token_rules",
+    "urls",
     "sdnotify",
 )
 REQUEST_PATH = ("app", "guard", "forward", "tokens", "oauth", "authorise", "admin", "store")
