@@ -33,8 +33,8 @@ from typing import Any
 import aiohttp
 import yaml
 
-from proxy.authorise import read_authorize_url
 from proxy.config import load_config
+from proxy.connect.authorise import read_authorize_url
 from proxy.demo import walk_authorisation
 
 MIB = 1024 * 1024

@@ -21,7 +21,7 @@ import aiohttp
 from proxy import __version__
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError, ProxyError
-from proxy.logs import redact, setup_logging
+from proxy.ops.logs import redact, setup_logging
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -149,11 +149,11 @@ def _run(config: Config, args: argparse.Namespace) -> int:
     setup_logging(config.log_level, fmt=args.log_format)
     workers = args.workers if args.workers is not None else config.workers
     if workers > 1 and not args.worker:
-        from proxy.workers import supervise
+        from proxy.ops.workers import supervise
 
         return supervise(args.config, workers, log_format=args.log_format)
-    from proxy.app import serve
-    from proxy.workers import announce_ready
+    from proxy.http.app import serve
+    from proxy.ops.workers import announce_ready
 
     def listening(addresses: list[tuple[str, int]]) -> None:
         announce_ready()
@@ -175,7 +175,7 @@ def _run(config: Config, args: argparse.Namespace) -> int:
 
 
 def _authorize_url(config: Config) -> int:
-    from proxy.authorise import read_authorize_url
+    from proxy.connect.authorise import read_authorize_url
 
     url = read_authorize_url(config)
     if url is None:
@@ -191,8 +191,8 @@ def _authorize_url(config: Config) -> int:
 
 async def _with_manager(config: Config, action: Callable[[Any], Awaitable[int]]) -> int:
     """Run `action(manager)` with a token manager on the configured store (no background)."""
+    from proxy.lifecycle.manager import TokenManager
     from proxy.store import open_store
-    from proxy.tokens import TokenManager
 
     store = open_store(config)
     try:
@@ -235,7 +235,7 @@ async def _token(config: Config) -> int:
 async def _import_tokens(config: Config) -> int:
     import time
 
-    from proxy import oauth
+    from proxy.lifecycle import oauth
 
     try:
         doc = json.loads(sys.stdin.read())

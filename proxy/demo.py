@@ -17,9 +17,9 @@ from urllib.parse import urljoin
 
 import aiohttp
 
-from proxy.app import serve
-from proxy.authorise import read_authorize_url
 from proxy.config import Config, Listen, Pleo, TokensConfig
+from proxy.connect.authorise import read_authorize_url
+from proxy.http.app import serve
 from proxy.sandbox import SandboxSettings, start_sandbox
 from proxy.secret import Secret
 

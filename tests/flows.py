@@ -11,9 +11,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 
-from proxy import oauth, pkce
 from proxy.config import Config, Refresh, Timeouts
+from proxy.connect import pkce
 from proxy.demo import demo_config
+from proxy.lifecycle import oauth
 from proxy.secret import Secret
 from proxy.tokenset import TokenSet
 from tests.processes import import_tokens, start_proxy, stop, wait_for

@@ -23,9 +23,9 @@ from typing import Any
 
 from aiohttp.test_utils import TestServer
 
-from proxy.app import build_app, serve
 from proxy.config import Config, Listen, Pleo, Refresh, Timeouts, TokensConfig
-from proxy.credentials import CredentialSource
+from proxy.http.app import build_app, serve
+from proxy.lifecycle.credentials import CredentialSource
 from proxy.secret import Secret
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 
 from proxy.config import Timeouts
+from tests.http.test_limits import run_limited_proxy
 from tests.proxyproc import proxy_config
-from tests.test_limits import run_limited_proxy
 from tests.upstreams import run_echo_upstream
 
 

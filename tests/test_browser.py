@@ -16,10 +16,10 @@ import pytest
 from aiohttp import web
 from playwright.async_api import Browser, Page, Request, async_playwright
 
-from proxy.tokens import TokenState
+from proxy.lifecycle.manager import TokenState
+from tests.connect.test_authorise import TIMEOUT, FakeClock, Proxy, free_port, running_proxy
 from tests.flows import sandbox_config
 from tests.sandboxes import RunningSandbox, sandbox, set_knobs
-from tests.test_authorise import TIMEOUT, FakeClock, Proxy, free_port, running_proxy
 
 __all__ = ["sandbox"]
 

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from proxy.tokens import INTERRUPTED_REASON
+from proxy.lifecycle.manager import INTERRUPTED_REASON
 from tests.flows import authorise_store, traffic, traffic_through_proxies
 from tests.processes import (
     free_port,

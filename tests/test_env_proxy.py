@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.credentials import ApiKeySource
+from proxy.lifecycle.credentials import ApiKeySource
 from proxy.secret import Secret
 from tests.proxyproc import proxy_config, run_proxy_app
 from tests.upstreams import run_echo_upstream

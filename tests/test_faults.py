@@ -26,9 +26,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy import oauth
-from proxy.app import serve
 from proxy.config import Config, Timeouts, load_config
+from proxy.http.app import serve
+from proxy.lifecycle import oauth
 from proxy.store.crypto import format_key, generate_key
 from proxy.store.file import FileStore
 from proxy.tokenset import StoredState, TokenSet

@@ -17,34 +17,51 @@ TESTS = ROOT / "tests"
 COVERED_BY = {
     "proxy/__init__.py": None,
     "proxy/__main__.py": "tests/test_cli.py",
-    "proxy/access_log.py": "tests/test_access_log.py",
-    "proxy/authorise_pages.py": "tests/test_authorise.py",
-    "proxy/config_values.py": "tests/test_config.py",
-    "proxy/credentials.py": "tests/test_forward.py",
+    "proxy/config/__init__.py": "tests/config/test_config.py",
+    "proxy/config/values.py": "tests/config/test_config.py",
+    "proxy/connect/__init__.py": None,
+    "proxy/connect/pages.py": "tests/connect/test_authorise.py",
     "proxy/demo.py": "tests/test_e2e.py",
-    "proxy/errors.py": "tests/test_app.py",
-    "proxy/keys.py": "tests/test_app.py",
-    "proxy/secret.py": "tests/test_tokens.py",
-    "proxy/token_rules.py": "tests/test_tokens.py",
-    "proxy/tokenset.py": "tests/test_tokens.py",
-    "proxy/urls.py": "tests/test_authorise.py",
+    "proxy/errors.py": "tests/http/test_app.py",
+    "proxy/http/__init__.py": None,
+    "proxy/http/keys.py": "tests/http/test_app.py",
+    "proxy/lifecycle/__init__.py": None,
+    "proxy/lifecycle/credentials.py": "tests/http/test_forward.py",
+    "proxy/lifecycle/rules.py": "tests/lifecycle/test_manager.py",
+    "proxy/ops/__init__.py": None,
+    "proxy/secret.py": "tests/lifecycle/test_manager.py",
+    "proxy/tokenset.py": "tests/lifecycle/test_manager.py",
+    "proxy/urls.py": "tests/connect/test_authorise.py",
     "proxy/store/__init__.py": "tests/store/contract.py",
-    "proxy/store/crypto.py": "tests/store/test_crypto.py",
-    "proxy/store/file.py": "tests/store/test_file.py",
 }
-# The leaves anyone may import must not import the request path above them.
+# The leaves anyone may import must not import the core above them (paths under proxy/).
 LEAVES = (
-    "config",
-    "config_values",
-    "errors",
-    "secret",
-    "pkce",
-    "tokenset",
-    "token_rules",
-    "urls",
-    "sdnotify",
+    "config/__init__.py",
+    "config/values.py",
+    "errors.py",
+    "secret.py",
+    "connect/pkce.py",
+    "tokenset.py",
+    "lifecycle/rules.py",
+    "urls.py",
+    "ops/sdnotify.py",
+    "ops/logs.py",
+    "ops/metrics.py",
 )
-REQUEST_PATH = ("app", "guard", "forward", "tokens", "oauth", "authorise", "admin", "store")
+# The core, by package or module: what a leaf must never import.
+CORE = (
+    "proxy.http",
+    "proxy.connect.authorise",
+    "proxy.connect.pages",
+    "proxy.lifecycle.manager",
+    "proxy.lifecycle.oauth",
+    "proxy.lifecycle.registry",
+    "proxy.store",
+    "proxy.cli",
+    "proxy.demo",
+)
+# Where the request path lives: none of it may import the sandbox.
+REQUEST_PATH_DIRS = ("http", "connect", "lifecycle", "store", "ops", "config")
 
 
 def _modules() -> list[Path]:
@@ -82,7 +99,7 @@ def test_sandbox_is_not_imported_by_the_request_path() -> None:
     offenders = [
         module.relative_to(ROOT).as_posix()
         for module in _modules()
-        if module.stem in REQUEST_PATH or module.parent.name == "store"
+        if module.relative_to(PACKAGE).parts[0] in REQUEST_PATH_DIRS
         if any(name.startswith("proxy.sandbox") for name in _imports(module))
     ]
     assert offenders == []
@@ -102,7 +119,48 @@ def test_leaf_modules_import_nothing_above_them() -> None:
     offenders = [
         f"{leaf}: {name}"
         for leaf in LEAVES
-        for name in _imports(PACKAGE / f"{leaf}.py")
-        if any(name == f"proxy.{up}" or name.startswith(f"proxy.{up}.") for up in REQUEST_PATH)
+        for name in _imports(PACKAGE / leaf)
+        if any(name == up or name.startswith(f"{up}.") for up in CORE)
     ]
     assert offenders == []
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def test_no_import_circles() -> None:
+    """Module-level imports (not TYPE_CHECKING, not inside functions) form no cycle."""
+    graph = {_module_name(p): _top_level_imports(p) for p in _modules()}
+    known = set(graph)
+    for name, deps in graph.items():
+        graph[name] = {d for d in deps if d in known and d != name}
+    cycles: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycles.append(" → ".join([*trail[trail.index(dep) :], dep]))
+            elif dep not in state:
+                visit(dep, [*trail, dep])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert cycles == []
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):
+            continue
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from proxy.config import Limits
+from tests.http.test_limits import run_limited_proxy
 from tests.proxyproc import proxy_config, raw_http
-from tests.test_limits import run_limited_proxy
 from tests.upstreams import EchoUpstream, run_echo_upstream
 
 IDLE_TIMEOUT = 1.0  # the proxy's limits.idle_timeout in these tests

@@ -1,0 +1,414 @@
+"""YAML configuration → frozen dataclasses, with every problem reported as `path: message`.
+
+Parsed once. `${ENV}` is substituted per scalar after YAML parsing; `*_file` keys read
+secrets from files. Must not touch the network, create files, or log; never puts a
+secret value in a message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+
+from proxy.config.values import (
+    MIB,
+    AtItem,
+    Parser,
+    describe,
+    home_dir,
+    is_loopback_host as is_loopback_host,
+    parse_api_url,
+    parse_choice,
+    parse_duration,
+    parse_existing_file,
+    parse_host,
+    parse_integer,
+    parse_list_of,
+    parse_origin,
+    parse_path,
+    parse_port,
+    parse_redis_url,
+    parse_scopes,
+    parse_secret,
+    parse_secret_file,
+    parse_size,
+    parse_string,
+    parse_url,
+    parse_within,
+    substitute,
+)
+from proxy.errors import ConfigError, Problem
+from proxy.secret import Secret
+
+Environment = Literal["production", "staging", "sandbox"]
+TokenAuthMethod = Literal["client_secret_basic", "client_secret_post"]
+StoreKind = Literal["file", "redis"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+SANDBOX_DEFAULT_PORT = 8090
+CALLBACK_PATH = "/_proxy/callback"
+FILE_PROBLEM_PATH = "(file)"  # the path of problems about the file as a whole
+
+# (api_url, authorize_url, token_url); the sandbox row is built from its base URL.
+ENVIRONMENTS: dict[str, tuple[str, str, str]] = {
+    "production": (
+        "https://external.pleo.io",
+        "https://auth.pleo.io/oauth/authorize",
+        "https://auth.pleo.io/oauth/token",
+    ),
+    "staging": (
+        "https://external.staging.pleo.io",
+        "https://auth.staging.pleo.io/oauth/authorize",
+        "https://auth.staging.pleo.io/oauth/token",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Where the proxy listens, e.g. `Listen(host="127.0.0.1", port=0)` in tests."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080  # 0 = an ephemeral port (then pleo.redirect_uri must be explicit)
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()  # normalised: "scheme://host[:port]", lower case
+
+
+@dataclass(frozen=True)
+class Pleo:
+    """The Pleo side, e.g. `Pleo(environment="sandbox", client_id="c", client_secret=s)`."""
+
+    environment: Environment = "production"
+    api_url: str = "https://external.pleo.io"  # never ends with "/"
+    authorize_url: str = "https://auth.pleo.io/oauth/authorize"
+    token_url: str = "https://auth.pleo.io/oauth/token"  # noqa: S105 - a URL
+    client_id: str | None = None
+    client_secret: Secret | None = None
+    token_auth_method: TokenAuthMethod = "client_secret_basic"  # noqa: S105 - a name
+    scopes: tuple[str, ...] = ()
+    redirect_uri: str = "http://localhost:8080/_proxy/callback"
+    api_key: Secret | None = None
+    ca_file: Path | None = None
+
+    @property
+    def uses_api_key(self) -> bool:
+        return self.api_key is not None
+
+
+@dataclass(frozen=True)
+class TokensConfig:
+    """Where tokens are kept, e.g. `TokensConfig(path=tmp / "t.enc", key_file=tmp / "t.key")`."""
+
+    store: StoreKind = "file"
+    path: Path = Path("tokens.enc")
+    key_file: Path = Path("tokens.key")
+    redis_url: str | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        """Where the authorize-url file and the lock file live: beside the token file."""
+        return self.path.parent
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """Refresh policy in seconds/bytes, e.g. `Refresh(before_expiry=30)`."""
+
+    before_expiry: float = 120.0
+    replay_body_limit: int = 1 * MIB
+    keepalive: float = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Timeouts in seconds, e.g. `Timeouts(connect=1, read=5)`."""
+
+    connect: float = 10.0
+    read: float = 120.0
+    token_request: float = 15.0
+    shutdown: float = 30.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client connection may send, e.g. `Limits(max_headers=20, idle_timeout=1)`.
+
+    Enforced by aiohttp's HTTP parser and keep-alive timer (see proxy/limits.py).
+    """
+
+    max_request_line: int = 8190  # bytes of "METHOD target HTTP/1.1"
+    max_header_size: int = 8190  # bytes of one header field, name and value together
+    max_headers: int = 100
+    # A complete request head must arrive within this long of the connection opening
+    # or of the previous answer; also how long an idle keep-alive connection stays.
+    idle_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: Listen = field(default_factory=Listen)
+    pleo: Pleo = field(default_factory=Pleo)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    refresh: Refresh = field(default_factory=Refresh)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    log_level: str = "info"  # one of LogLevel
+    workers: int = 1  # processes serving one port (SO_REUSEPORT), sharing the token store
+    limits: Limits = field(default_factory=Limits)
+
+
+def environment_defaults(
+    env: Environment, *, sandbox_url: str = f"http://127.0.0.1:{SANDBOX_DEFAULT_PORT}"
+) -> tuple[str, str, str]:
+    """(api_url, authorize_url, token_url) of a Pleo environment."""
+    if env == "sandbox":
+        base = sandbox_url.rstrip("/")
+        return base, f"{base}/oauth/authorize", f"{base}/oauth/token"
+    return ENVIRONMENTS[env]
+
+
+# --- the reader: walks the document in order, collecting every problem ---
+
+Spec = Mapping[str, "Parser | Spec"]
+_INVALID = object()  # a key that was present but had a problem
+
+
+class _Reader:
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+        self.seq = 0  # keys visited so far: problems are sorted by it (document order)
+        self.ends: dict[str, int] = {}  # section → seq of its last key
+        self._problems: list[tuple[int, Problem]] = []
+
+    def add(self, path: str, message: str, *, at: int | None = None) -> None:
+        self._problems.append((self.seq if at is None else at, Problem(path, message)))
+
+    def problems(self) -> list[Problem]:
+        return [problem for _, problem in sorted(self._problems, key=lambda item: item[0])]
+
+    def section(self, value: object, path: str, spec: Spec) -> dict[str, Any]:
+        """The parsed keys of one mapping; absent keys are absent, failed ones `_INVALID`."""
+        out: dict[str, Any] = {}
+        if value is not None and not isinstance(value, Mapping):
+            self.add(path, f"expected a mapping, got {describe(value)}")
+        for key, raw in value.items() if isinstance(value, Mapping) else ():
+            self.seq += 1
+            key_path = _key_path(path, key)
+            entry = spec.get(key) if isinstance(key, str) else None
+            if entry is None:
+                self.add(key_path, _unknown_key(key, spec))
+            elif isinstance(entry, Mapping):
+                out[key] = self.section(raw, key_path, entry)
+            elif raw is not None:  # `key:` with no value means "use the default"
+                out[key] = self.value(raw, key_path, entry)
+        self.ends[path] = self.seq
+        return out
+
+    def value(self, raw: object, path: str, parse: Parser) -> Any:
+        try:
+            return parse(substitute(raw, self.environ))
+        except ValueError as exc:
+            where = f"{path}[{exc.index}]" if isinstance(exc, AtItem) else path
+            self.add(where, str(exc))
+            return _INVALID
+
+
+_PLAIN_KEY = re.compile(r"[^\s:.\[\]'\"]+")
+
+
+def _key_path(path: str, key: object) -> str:
+    """`path.key`; an odd key (empty, not a string, with spaces or dots) is quoted by repr
+    so every problem still reads as one unambiguous `path: message` line."""
+    name = key if isinstance(key, str) and _PLAIN_KEY.fullmatch(key) else repr(key)
+    return f"{path}.{name}" if path else name
+
+
+def _unknown_key(key: object, spec: Spec) -> str:
+    close = difflib.get_close_matches(str(key), list(spec), n=1)
+    if close:
+        return f"unknown key (did you mean {close[0]!r}?)"
+    return f"unknown key; expected one of {', '.join(spec)}"
+
+
+def _spec(base_dir: Path, environ: Mapping[str, str]) -> Spec:
+    path = parse_path(base_dir, environ)
+    positive, non_negative = parse_duration(zero_ok=False), parse_duration(zero_ok=True)
+    return {
+        "listen": {
+            "host": parse_host,
+            "port": parse_port,
+            "allowed_hosts": parse_list_of(parse_host),
+            "allowed_origins": parse_list_of(parse_origin),
+        },
+        "pleo": {
+            "environment": parse_choice("environment", get_args(Environment)),
+            "api_url": parse_api_url,
+            "authorize_url": parse_url,
+            "token_url": parse_url,
+            "client_id": parse_string,
+            "client_secret": parse_secret,
+            "client_secret_file": parse_secret_file(path),
+            "token_auth_method": parse_choice("token auth method", get_args(TokenAuthMethod)),
+            "scopes": parse_scopes,
+            "redirect_uri": parse_url,
+            "api_key": parse_secret,
+            "api_key_file": parse_secret_file(path),
+            "ca_file": parse_existing_file(path),
+        },
+        "tokens": {
+            "store": parse_choice("store", get_args(StoreKind)),
+            "path": path,
+            "key_file": path,
+            "redis_url": parse_redis_url,
+        },
+        "refresh": {
+            "before_expiry": non_negative,
+            "replay_body_limit": parse_size,
+            "keepalive": positive,
+        },
+        "timeouts": {k: positive for k in ("connect", "read", "token_request", "shutdown")},
+        "log_level": parse_choice("log level", get_args(LogLevel)),
+        "workers": parse_within(parse_integer, 1, 64),
+        "limits": {
+            "max_request_line": parse_within(parse_size, 256, MIB),
+            "max_header_size": parse_within(parse_size, 256, MIB),
+            "max_headers": parse_within(parse_integer, 1, 10_000),
+            "idle_timeout": positive,
+        },
+    }
+
+
+# --- assembly: defaults and rules that span keys ---
+
+
+def _valid(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not _INVALID}
+
+
+def _one_secret(values: dict[str, Any], key: str, reader: _Reader, at: int) -> Secret | None:
+    """`key` XOR `key_file` (like oauth2-proxy's SecretSource): the secret, if any."""
+    file_key = f"{key}_file"
+    if key in values and file_key in values:
+        reader.add(f"pleo.{file_key}", f"set either {key} or {file_key}, not both", at=at)
+    for name in (key, file_key):
+        if isinstance(values.get(name), Secret):
+            return values[name]  # type: ignore[no-any-return]
+    return None
+
+
+def _build_pleo(values: dict[str, Any], listen: Listen, reader: _Reader) -> Pleo:
+    at = reader.ends.get("pleo", reader.seq)
+    api_key = _one_secret(values, "api_key", reader, at)
+    client_secret = _one_secret(values, "client_secret", reader, at)
+    valid = _valid(values)
+    api_url, authorize_url, token_url = environment_defaults(valid.get("environment", "production"))
+    redirect_uri = f"http://localhost:{listen.port}{CALLBACK_PATH}"
+    if "api_key" not in values and "api_key_file" not in values:  # OAuth mode
+        if "client_id" not in values:
+            reader.add("pleo.client_id", "required (or set pleo.api_key for API-key mode)", at=at)
+        if "client_secret" not in values and "client_secret_file" not in values:
+            reader.add(
+                "pleo.client_secret", "required: set client_secret or client_secret_file", at=at
+            )
+        if "redirect_uri" not in values and listen.port == 0:
+            reader.add("pleo.redirect_uri", "required when listen.port is 0", at=at)
+    fields: dict[str, Any] = {
+        "api_url": api_url,
+        "authorize_url": authorize_url,
+        "token_url": token_url,
+    }
+    fields |= {"redirect_uri": redirect_uri} | valid
+    fields |= {"client_secret": client_secret, "api_key": api_key}
+    fields.pop("client_secret_file", None)
+    fields.pop("api_key_file", None)
+    return replace(Pleo(), **fields)
+
+
+def _build_tokens(values: dict[str, Any], reader: _Reader) -> TokensConfig:
+    valid = _valid(values)
+    state_dirs = reader.environ.get("STATE_DIRECTORY", "")
+    if state_dirs:  # systemd StateDirectory=; several are ':'-separated, the first is ours
+        default_path = Path(state_dirs.split(":")[0]) / "tokens.enc"
+    else:
+        default_path = home_dir(reader.environ) / ".local/state/pleo-proxy/tokens.enc"
+    path: Path = valid.get("path", default_path)
+    key_file: Path = valid.get("key_file", path.with_name("tokens.key"))
+    if valid.get("store") == "redis" and "redis_url" not in values:
+        at = reader.ends.get("tokens", reader.seq)
+        reader.add("tokens.redis_url", "required when tokens.store is redis", at=at)
+    return replace(TokensConfig(), **(valid | {"path": path, "key_file": key_file}))
+
+
+def _build(values: dict[str, Any], reader: _Reader) -> Config:
+    listen = replace(Listen(), **_valid(values.get("listen", {})))
+    return Config(
+        listen=listen,
+        pleo=_build_pleo(values.get("pleo", {}), listen, reader),
+        tokens=_build_tokens(values.get("tokens", {}), reader),
+        refresh=replace(Refresh(), **_valid(values.get("refresh", {}))),
+        timeouts=replace(Timeouts(), **_valid(values.get("timeouts", {}))),
+        log_level=_valid(values).get("log_level", "info"),
+        workers=_valid(values).get("workers", 1),
+        limits=replace(Limits(), **_valid(values.get("limits", {}))),
+    )
+
+
+def parse_config(doc: object, *, base_dir: Path, environ: Mapping[str, str]) -> Config:
+    """The config in `doc` (parsed YAML); raises ConfigError listing every problem."""
+    if doc is None:
+        raise ConfigError([Problem(FILE_PROBLEM_PATH, "the configuration is empty")])
+    if not isinstance(doc, Mapping):
+        kind = type(doc).__name__  # not the value: a pasted secret must not come back
+        message = f"expected a mapping of settings at the top level, got {kind}"
+        raise ConfigError([Problem(FILE_PROBLEM_PATH, message)])
+    reader = _Reader(environ)
+    config = _build(reader.section(doc, "", _spec(base_dir, environ)), reader)
+    if problems := reader.problems():
+        raise ConfigError(problems)
+    return config
+
+
+def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, parse and validate the YAML file at `path`; raises ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(
+            [Problem(FILE_PROBLEM_PATH, f"cannot read {str(path)!r}: {reason}")]
+        ) from None
+    try:
+        doc = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as exc:
+        raise ConfigError([Problem(FILE_PROBLEM_PATH, _yaml_message(exc))]) from None
+    env = os.environ if environ is None else environ
+    return parse_config(doc, base_dir=path.absolute().parent, environ=env)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys, which PyYAML would silently let the last win."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                message = f"duplicate key {key!r}"
+                raise yaml.constructor.ConstructorError(None, None, message, key_node.start_mark)
+            seen.add(key if isinstance(key, str) else id(key_node))
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_message(exc: yaml.YAMLError) -> str:
+    # Only PyYAML's short `problem` and the position: its snippet would echo file content.
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or "syntax error"
+    if mark is None:
+        return f"invalid YAML: {problem}"
+    return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"

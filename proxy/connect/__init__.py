@@ -1,0 +1,1 @@
+"""Connecting a customer: authorise page, callback, PKCE."""

@@ -1,0 +1,365 @@
+"""The HTTP surface of the authorise flow: routes, handlers, cookies, HTML and its headers.
+
+Owns the markup (proxy/templates/*.html, read with importlib.resources), the page
+catalogue, and the headers every page carries (strict CSP, no framing, no referrer, no
+caching); every value put into a page is HTML-escaped here. Must not hold flow state
+(`authorise.Authoriser` does) or put an authorisation code, state or token in a page.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from string import Template
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from yarl import URL
+
+from proxy.config import CALLBACK_PATH
+from proxy.urls import AUTHORIZE_PATH
+
+if TYPE_CHECKING:
+    # Only for the key's type: authorise imports this module, not the other way round.
+    from proxy.connect.authorise import Authoriser
+
+COOKIE_PATH = "/_proxy/"
+COOKIE_PREFIX = "pleo_proxy_flow_"
+# The outcome of every page, so tests and scripts can tell pages apart without the prose.
+PAGE_HEADER = "X-Pleo-Proxy-Page"
+
+AUTHORISER_KEY: web.AppKey[Authoriser] = web.AppKey("authoriser")
+
+
+def flow_cookie_name(state: str) -> str:
+    """One cookie per flow, so that two tabs' sign-ins do not overwrite each other's."""
+    return COOKIE_PREFIX + hashlib.sha256(state.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class FlowStart:
+    """What the button's POST answers: where to send the browser, and its flow cookie."""
+
+    location: str
+    state: str
+    binding: str  # the cookie's value; state alone is not enough to finish the flow
+    max_age: int
+
+
+@dataclass(frozen=True)
+class Html:
+    """Markup already rendered by `render`: inserted as it is, never escaped again."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Message:
+    """One refusal or error page: its status, a stable name, and what a person should read."""
+
+    status: int
+    name: str
+    heading: str
+    explanation: str
+
+
+NOT_ALLOWED = Message(
+    403,
+    "setup_code_invalid",
+    "This link is not valid",
+    "This page needs the one-time address the proxy printed when it started (the one with"
+    " ?setup= in it). Run `pleo-proxy authorize-url` on the proxy's machine to see the"
+    " current one; an address from an earlier start no longer works.",
+)
+ALREADY_CONNECTED = Message(
+    410,
+    "already_connected",
+    "Already connected",
+    "This proxy is already connected to Pleo, so this page is closed. To reconnect (for"
+    " example to another company), run `pleo-proxy logout` on the proxy's machine; a new"
+    " address will be printed.",
+)
+MISSING_STATE = Message(
+    400,
+    "state_missing",
+    "Incomplete answer from Pleo",
+    "This address does not carry the information Pleo adds when it sends you back."
+    " Start again from the proxy's authorise page.",
+)
+UNKNOWN_STATE = Message(
+    400,
+    "state_unknown",
+    "This sign-in has expired or was already used",
+    "Each visit to Pleo can be completed once, within 10 minutes. Start again from the"
+    " proxy's authorise page.",
+)
+NO_COOKIE = Message(
+    400,
+    "state_cookie_missing",
+    "Started in another browser",
+    "This answer from Pleo belongs to a sign-in that was started in a different browser"
+    " (or with cookies blocked). Finish it in the browser where you pressed the button,"
+    " or start again here.",
+)
+DENIED = Message(
+    403,
+    "access_denied",
+    "Access was not granted",
+    "Pleo reports that the access was declined, so nothing was changed. If that was a"
+    " mistake, start again and approve the access.",
+)
+PLEO_ERROR = Message(
+    400,
+    "authorization_error",
+    "Pleo refused the request",
+    "Pleo answered with an error instead of an approval, so nothing was changed.",
+)
+MISSING_CODE = Message(
+    400,
+    "code_missing",
+    "Incomplete answer from Pleo",
+    "Pleo sent you back without an authorisation code, so nothing was changed.",
+)
+CODE_REFUSED = Message(
+    400,
+    "code_refused",
+    "Pleo did not accept the sign-in",
+    "Pleo refused to turn this sign-in into access (it may have taken too long, or been"
+    " used already). Nothing was changed; start again.",
+)
+CLIENT_REJECTED = Message(
+    502,
+    "client_rejected",
+    "Pleo rejected this proxy's client credentials",
+    "Pleo does not accept the client ID and secret this proxy is configured with. The"
+    " operator must fix pleo.client_id / pleo.client_secret and restart the proxy.",
+)
+PLEO_UNAVAILABLE = Message(
+    503,
+    "token_endpoint_unavailable",
+    "Pleo could not be reached",
+    "The proxy could not reach Pleo to finish connecting (network trouble or a Pleo"
+    " outage). Nothing was changed; try again in a moment.",
+)
+SAVE_FAILED = Message(
+    503,
+    "store_error",
+    "The connection could not be saved",
+    "Pleo granted access but the proxy could not store it. The proxy's log says why;"
+    " fix that and start again.",
+)
+BAD_PASTE = Message(
+    400,
+    "redirect_url_invalid",
+    "That is not the address Pleo sent you back to",
+    "Paste the whole address from the browser's address bar after approving in Pleo;"
+    " it contains ?code= and &state=.",
+)
+
+
+class Refused(Exception):
+    """A request of the flow that is answered with an error page and changes nothing."""
+
+    def __init__(self, message: Message, *, retry: bool = False, detail: str = "") -> None:
+        super().__init__(message.name)
+        self.message = message
+        self.retry = retry  # the browser proved it started this flow: offer a way back
+        self.detail = detail
+
+
+def authorization_error(error: str) -> Refused:
+    """The page for Pleo's `error=` answer (RFC 6749 §4.1.2.1); the code is shown if plain."""
+    if error == "access_denied":
+        return Refused(DENIED, retry=True)
+    shown = error if error.isascii() and error.replace("_", "").isalnum() else "unrecognised"
+    return Refused(PLEO_ERROR, retry=True, detail=f"(Pleo's error code: {shown[:64]})")
+
+
+@cache
+def _template(name: str) -> Template:
+    text = (resources.files("proxy") / "templates" / name).read_text(encoding="utf-8")
+    return Template(text)
+
+
+def render(name: str, **values: str | Html) -> Html:
+    """Fill template `name`; plain strings are HTML-escaped, `Html` is inserted as it is."""
+    filled = {k: v.text if isinstance(v, Html) else html.escape(v) for k, v in values.items()}
+    return Html(_template(name).substitute(filled))
+
+
+def security_headers(form_origin: str) -> dict[str, str]:
+    """Headers for every page: nothing external, no framing, no referrer, never cached.
+
+    `form-action` must allow Pleo's authorise origin too: Chromium checks form-action
+    against every redirect a form submission follows, and the button's POST is answered
+    with a 302 to Pleo. The referrer policy is `same-origin`, not `no-referrer`: under
+    `no-referrer` browsers send `Origin: null` even on a same-origin form POST (Fetch,
+    "serializing a request origin"), which the guard rightly refuses as cross-site.
+    `same-origin` still sends nothing to Pleo, so the page's setup code never leaves.
+    """
+    return {
+        "Content-Security-Policy": (
+            "default-src 'none'; style-src 'unsafe-inline'; "
+            f"form-action 'self' {form_origin}; frame-ancestors 'none'; base-uri 'none'"
+        ),
+        "X-Frame-Options": "DENY",
+        "Referrer-Policy": "same-origin",
+        "Cache-Control": "no-store",
+        "X-Content-Type-Options": "nosniff",
+    }
+
+
+def page(title: str, content: Html, *, status: int, name: str, form_origin: str) -> web.Response:
+    """A complete HTML page response with the security headers."""
+    body = render("layout.html", title=title, content=content).text
+    headers = security_headers(form_origin) | {PAGE_HEADER: name}
+    return web.Response(
+        status=status, text=body, content_type="text/html", charset="utf-8", headers=headers
+    )
+
+
+def message_page(
+    message: Message, *, form_origin: str, retry_url: str | None = None, detail: str = ""
+) -> web.Response:
+    """A refusal or error page; `detail` is a short non-secret addition (e.g. Pleo's code)."""
+    explanation = f"{message.explanation} {detail}".strip()
+    action = render("retry.html", url=retry_url) if retry_url else Html("")
+    content = render(
+        "message.html", heading=message.heading, explanation=explanation, action=action
+    )
+    return page(
+        message.heading,
+        content,
+        status=message.status,
+        name=message.name,
+        form_origin=form_origin,
+    )
+
+
+@dataclass(frozen=True)
+class AuthoriseView:
+    """What the authorise page shows: all public configuration, plus the setup code."""
+
+    environment: str
+    client_id: str
+    scopes: tuple[str, ...]
+    redirect_uri: str
+    setup_code: str
+    offer_paste: bool
+
+
+def authorise_page(view: AuthoriseView, *, form_origin: str) -> web.Response:
+    """The page with the button that starts the flow (and the paste form when needed)."""
+    paste = render("paste.html", redirect_uri=view.redirect_uri) if view.offer_paste else Html("")
+    content = render(
+        "authorise.html",
+        environment=view.environment,
+        client_id=view.client_id,
+        scopes=" ".join(view.scopes) or "(none configured)",
+        redirect_uri=view.redirect_uri,
+        setup=view.setup_code,
+        paste=paste,
+    )
+    return page("Connect to Pleo", content, status=200, name="authorise", form_origin=form_origin)
+
+
+def connected_page(company: str | None, *, proxy_url: str, form_origin: str) -> web.Response:
+    """The success page: which company, and where applications should now send requests."""
+    content = render("connected.html", company=company or "Pleo", proxy_url=proxy_url)
+    return page("Connected", content, status=200, name="connected", form_origin=form_origin)
+
+
+def _refusal_page(authoriser: Authoriser, refused: Refused) -> web.Response:
+    return message_page(
+        refused.message,
+        form_origin=authoriser.form_origin,
+        retry_url=authoriser.retry_url() if refused.retry else None,
+        detail=refused.detail,
+    )
+
+
+async def get_authorize(request: web.Request) -> web.Response:
+    authoriser = request.app[AUTHORISER_KEY]
+    try:
+        authoriser.check_setup(request.query.get("setup"))
+    except Refused as refused:
+        return _refusal_page(authoriser, refused)
+    return authorise_page(authoriser.view(), form_origin=authoriser.form_origin)
+
+
+async def post_authorize(request: web.Request) -> web.Response:
+    authoriser = request.app[AUTHORISER_KEY]
+    form = await request.post()
+    setup = form.get("setup")
+    try:
+        authoriser.check_setup(setup if isinstance(setup, str) else None)
+    except Refused as refused:
+        return _refusal_page(authoriser, refused)
+    start = authoriser.start_flow()
+    headers = security_headers(authoriser.form_origin) | {"Location": start.location}
+    response = web.Response(status=302, headers=headers)
+    response.set_cookie(
+        flow_cookie_name(start.state),
+        start.binding,
+        max_age=start.max_age,
+        path=COOKIE_PATH,
+        httponly=True,
+        samesite="Lax",  # sent on Pleo's top-level redirect back to us, not on cross-site POSTs
+        secure=authoriser.cookie_secure,
+    )
+    return response
+
+
+async def _finish(request: web.Request, query: Mapping[str, str]) -> web.Response:
+    authoriser = request.app[AUTHORISER_KEY]
+    try:
+        company = await authoriser.complete(query, request.cookies)
+    except Refused as refused:
+        return _refusal_page(authoriser, refused)
+    response = connected_page(
+        company,
+        proxy_url=authoriser.proxy_url(),
+        form_origin=authoriser.form_origin,
+    )
+    state = query.get("state") or ""
+    response.del_cookie(flow_cookie_name(state), path=COOKIE_PATH)
+    return response
+
+
+async def get_callback(request: web.Request) -> web.Response:
+    """Pleo's redirect back (a cross-site top-level navigation, by design)."""
+    return await _finish(request, request.query)
+
+
+async def head_callback(request: web.Request) -> web.Response:
+    return web.Response(status=405, headers={"Allow": "GET, POST"})
+
+
+async def post_callback(request: web.Request) -> web.Response:
+    """The paste flow: the address Pleo sent the browser to, checked exactly as a GET."""
+    form = await request.post()
+    pasted = form.get("redirect_url")
+    try:
+        query = URL(pasted.strip()).query if isinstance(pasted, str) else None
+    except ValueError:
+        query = None
+    if not query:
+        authoriser = request.app[AUTHORISER_KEY]
+        return _refusal_page(authoriser, Refused(BAD_PASTE))
+    return await _finish(request, query)
+
+
+def authorise_routes() -> list[web.RouteDef]:
+    """GET+POST /_proxy/authorize and GET+POST /_proxy/callback."""
+    return [
+        web.get(AUTHORIZE_PATH, get_authorize),
+        web.post(AUTHORIZE_PATH, post_authorize),
+        # No implicit HEAD: a link checker's HEAD must not use up the flow.
+        web.get(CALLBACK_PATH, get_callback, allow_head=False),
+        web.head(CALLBACK_PATH, head_callback),
+        web.post(CALLBACK_PATH, post_callback),
+    ]

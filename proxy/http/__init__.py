@@ -1,0 +1,1 @@
+"""The request path: app assembly, guard, forwarder, access log, probes, limits."""

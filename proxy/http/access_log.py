@@ -1,0 +1,96 @@
+"""Per-request bookkeeping: the request id, the access log line and the request metrics.
+
+One line per request: method, path without the query, status, bytes, duration, upstream
+time and request id. The query is never written: the OAuth callback's carries the
+authorisation code and state, and API queries may carry customer data. A client's
+`X-Request-Id` is kept only when it is short and plain; otherwise one is generated.
+Must not log headers or bodies.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from proxy.ops.metrics import metrics_of
+
+REQUEST_ID_HEADER = "X-Request-Id"
+# Sane ids only: they reach our logs and Pleo's; no spaces, quotes or control bytes.
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+UPSTREAM_SECONDS_KEY = web.RequestKey("upstream_seconds", float)
+
+
+def request_id(request: web.Request) -> str:
+    """The request's id: the client's when sane, else a new uuid4 (hex); stable per request."""
+    if REQUEST_ID_KEY in request:
+        return request[REQUEST_ID_KEY]
+    sent = request.headers.get(REQUEST_ID_HEADER, "")
+    chosen = sent if _SANE_REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
+    request[REQUEST_ID_KEY] = chosen
+    return chosen
+
+
+def add_upstream_time(request: web.Request, seconds: float) -> None:
+    """Account time spent waiting for Pleo (a replay adds to the first attempt)."""
+    request[UPSTREAM_SECONDS_KEY] = request.get(UPSTREAM_SECONDS_KEY, 0.0) + seconds
+
+
+async def send_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: every answer carries the id, refusals and errors included."""
+    response.headers[REQUEST_ID_HEADER] = request_id(request)
+
+
+def _bytes_in(request: web.BaseRequest) -> int:
+    # Bytes of the body actually received (also for chunked and streamed bodies).
+    return int(getattr(request.content, "total_bytes", 0))
+
+
+class AccessLogger(AbstractAccessLogger):
+    """aiohttp calls `log` once the response is fully sent: the line and the counters."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        metrics = metrics_of(request)
+        if metrics is not None:
+            metrics.request_done(
+                request.method,
+                response.status,
+                bytes_in=_bytes_in(request),
+                bytes_out=response.body_length,
+            )
+        if self.logger.isEnabledFor(logging.INFO):
+            self._write(request, response, time)
+
+    def _write(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        upstream = request.get(UPSTREAM_SECONDS_KEY)
+        upstream_ms = None if upstream is None else round(upstream * 1000, 1)
+        rid = request_id(request) if isinstance(request, web.Request) else None
+        self.logger.info(
+            "%s %s %s %s bytes %.1f ms (upstream %s ms) id=%s",
+            request.method,
+            request.path,
+            response.status,
+            response.body_length,
+            time * 1000,
+            "-" if upstream_ms is None else upstream_ms,
+            rid,
+            extra={
+                "fields": {
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status,
+                    "bytes": response.body_length,
+                    "duration_ms": round(time * 1000, 1),
+                    "upstream_ms": upstream_ms,
+                    "request_id": rid,
+                }
+            },
+        )
+
+
+def access_logger() -> logging.Logger:
+    return logging.getLogger("proxy.access")

@@ -1,0 +1,371 @@
+"""The forwarder: the catch-all handler that relays a request to the Pleo API and back.
+
+Owns the upstream URL (raw path and query, byte-exact), hop-by-hop stripping, the
+client's `Authorization` replaced by the credential source's, streaming both ways,
+the bounded replay buffer and the one replay after a 401, and `map_client_errors()`,
+the one place aiohttp client exceptions become `UpstreamError`s.
+Must not parse OAuth responses, refresh tokens, decompress, or read bodies whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.config import Config
+from proxy.errors import ClientBodyTimeout, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from proxy.http.access_log import REQUEST_ID_HEADER, add_upstream_time, request_id
+from proxy.http.keys import CREDENTIALS_KEY, UPSTREAM_SESSION_KEY
+from proxy.lifecycle.credentials import CredentialSource
+from proxy.ops.metrics import metrics_of
+from proxy.ops.reload import current_config
+from proxy.secret import Secret
+
+CHUNK_SIZE = 64 * 1024
+LARGE_BYTES_BODY = 1024 * 1024
+REPLAY_HEADER = "X-Pleo-Proxy-Replay"
+REPLAY_BODY_TOO_LARGE = "body-too-large"
+
+# RFC 9110 §7.6.1: meaningful for one connection only, never relayed.
+HOP_BY_HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "trailer",
+    }
+)
+# Request headers we set ourselves: Host from the upstream URL, Authorization from the
+# credential source; Expect is answered by us (see `defer_continue`).
+REPLACED_REQUEST_HEADERS = frozenset({"host", "authorization", "expect"})
+
+
+@dataclass(frozen=True)
+class Body:
+    """The request body as it will be sent: kept whole (replayable) or streamed once."""
+
+    data: bytes | None = None
+    stream: AsyncIterator[bytes] | None = None
+
+    @property
+    def replayable(self) -> bool:
+        return self.stream is None
+
+    def payload(self) -> bytes | io.BytesIO | AsyncIterator[bytes] | None:
+        """What aiohttp sends; a fresh object per call, so a kept body can be sent twice."""
+        if self.stream is not None:
+            return self.stream
+        if self.data is not None and len(self.data) > LARGE_BYTES_BODY:
+            # aiohttp warns about (and writes in one go) large raw bytes; BytesIO is
+            # written in chunks and shares the buffer rather than copying it.
+            return io.BytesIO(self.data)
+        return self.data
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """Everything about the upstream request except the Authorization value."""
+
+    method: str
+    url: URL
+    headers: CIMultiDict[str]
+    body: Body
+    timeout: aiohttp.ClientTimeout  # from the live config: a reload changes it
+
+
+@contextmanager
+def map_client_errors() -> Iterator[None]:
+    """aiohttp client exceptions → UpstreamTimeout (504) / UpstreamUnreachable (502).
+
+    Details name the failure kind only: never a header, URL credential or token.
+    """
+    try:
+        yield
+    except ClientBodyTimeout:
+        raise
+    except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+        # aiohttp wraps a failure of the streamed request body: when the cause is our
+        # client going silent, that is the answer, not an upstream failure.
+        cause = _body_timeout_cause(exc)
+        if cause is not None:
+            raise cause from None
+        raise _upstream_error(exc) from exc
+
+
+def _body_timeout_cause(exc: BaseException) -> ClientBodyTimeout | None:
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, ClientBodyTimeout):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _upstream_error(exc: BaseException) -> UpstreamError:
+    if isinstance(exc, TimeoutError):  # also aiohttp.ServerTimeoutError and its subclasses
+        return UpstreamTimeout("the Pleo API did not answer within the timeout")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamUnreachable("cannot connect to the Pleo API")
+    return UpstreamUnreachable(f"the connection to the Pleo API failed ({type(exc).__name__})")
+
+
+def upstream_url(api_url: str, raw_path: str) -> URL:
+    """`api_url` + the raw target, byte-exact: no normalisation, no re-quoting."""
+    base = URL(api_url)
+    url = URL(api_url.rstrip("/") + raw_path, encoded=True)
+    if url.origin() != base.origin():
+        # Cannot happen for origin-form targets (the guard admits only those); a
+        # cheap belt to the guard's braces so no request ever leaves for another host.
+        raise UpstreamUnreachable("the request target does not map onto the Pleo API")
+    return url
+
+
+def strip_hop_by_hop(
+    raw_headers: Iterable[tuple[bytes, bytes]], *, drop: frozenset[str] = frozenset()
+) -> CIMultiDict[str]:
+    """Headers without hop-by-hop fields, those named in `Connection`, and `drop`.
+
+    Built from the raw pairs so names keep the case they were sent in (aiohttp's
+    parsed headers use its own canonical case for well-known names).
+    """
+    pairs = [(_text(k), _text(v)) for k, v in raw_headers]
+    named = {
+        token.strip().lower()
+        for name, value in pairs
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    excluded = HOP_BY_HOP_HEADERS | named | drop
+    return CIMultiDict((k, v) for k, v in pairs if k.lower() not in excluded)
+
+
+def _text(raw: bytes) -> str:
+    # The same decoding aiohttp applies to parsed headers.
+    return raw.decode("utf-8", "surrogateescape")
+
+
+async def defer_continue(request: web.Request) -> web.StreamResponse | None:
+    """Expect handler: answer `100 Continue` only when the forwarder reads the body.
+
+    aiohttp's default sends it before the middlewares run; deferring it means a request
+    the guard refuses is refused before the client uploads anything.
+    """
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return web.json_response(
+            {"error": "expectation_failed", "detail": "only Expect: 100-continue is supported"},
+            status=417,
+        )
+    return None
+
+
+async def _send_continue(request: web.Request) -> None:
+    if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # Like aiohttp's own expect handler: the interim line is not part of the body.
+        request.writer.output_size = 0
+
+
+async def _read_chunk(stream: aiohttp.StreamReader, size: int, stall_after: float) -> bytes:
+    """One read of the client's body; a client that stops sending is cut off."""
+    try:
+        async with asyncio.timeout(stall_after):
+            return await (stream.read(size) if size > 0 else stream.readany())
+    except TimeoutError:
+        raise ClientBodyTimeout(
+            f"no request body bytes for {stall_after:g} s; the request was abandoned"
+        ) from None
+
+
+async def _read_up_to(stream: aiohttp.StreamReader, limit: int, stall_after: float) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await _read_chunk(stream, min(CHUNK_SIZE, limit - size), stall_after)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
+
+
+async def _relay_stream(
+    prefix: bytes, stream: aiohttp.StreamReader, stall_after: float
+) -> AsyncIterator[bytes]:
+    if prefix:
+        yield prefix
+    # Whatever has arrived, as it is: re-cutting into exact sizes halved upload
+    # throughput (bench/README.md); the reader's buffer limit still bounds memory.
+    while chunk := await _read_chunk(stream, 0, stall_after):
+        yield chunk
+
+
+async def read_body(request: web.Request, limit: int, *, stall_after: float) -> Body:
+    """Decide up front whether the body can be replayed (kept, ≤ limit) or is streamed once.
+
+    `stall_after` bounds each wait for client bytes (the read timeout, as upstream).
+    """
+    if not request.body_exists:
+        return Body()
+    await _send_continue(request)
+    length = request.content_length
+    if length is not None and length <= limit:
+        return Body(data=await _read_up_to(request.content, length, stall_after))
+    if length is not None:
+        return Body(stream=_relay_stream(b"", request.content, stall_after))
+    # Unknown length (chunked): read one byte past the limit to learn which case it is.
+    prefix = await _read_up_to(request.content, limit + 1, stall_after)
+    if len(prefix) <= limit:
+        return Body(data=prefix)
+    return Body(stream=_relay_stream(prefix, request.content, stall_after))
+
+
+def _outbound(request: web.Request, config: Config, body: Body) -> Outbound:
+    headers = strip_hop_by_hop(request.raw_headers, drop=REPLACED_REQUEST_HEADERS)
+    # Pleo sees the id our log line carries: the client's when sane, else ours.
+    headers[REQUEST_ID_HEADER] = request_id(request)
+    if body.replayable:
+        # A kept body is sent with its exact length (also when it came chunked).
+        headers.popall("Content-Length", None)
+    url = upstream_url(config.pleo.api_url, request.raw_path)
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=config.timeouts.connect, sock_read=config.timeouts.read
+    )
+    return Outbound(request.method, url, headers, body, timeout)
+
+
+@dataclass(frozen=True)
+class _Observer:
+    """Timing and replay hooks for the access log and metrics (no effect on forwarding)."""
+
+    request: web.Request
+
+    def upstream(self, seconds: float) -> None:
+        add_upstream_time(self.request, seconds)
+        metrics = metrics_of(self.request)
+        if metrics is not None:
+            metrics.upstream_answered(seconds)
+
+    def replay(self, result: str) -> None:
+        metrics = metrics_of(self.request)
+        if metrics is not None:
+            metrics.replayed(result)
+
+
+async def _send(
+    session: aiohttp.ClientSession, outbound: Outbound, authorization: Secret, observe: _Observer
+) -> aiohttp.ClientResponse:
+    headers = CIMultiDict(outbound.headers)
+    headers["Authorization"] = authorization.reveal()  # leaves the process here, to Pleo
+    started = time.monotonic()
+    try:
+        with map_client_errors():
+            return await session.request(
+                outbound.method,
+                outbound.url,
+                headers=headers,
+                data=outbound.body.payload(),
+                allow_redirects=False,
+                timeout=outbound.timeout,
+            )
+    finally:
+        observe.upstream(time.monotonic() - started)
+
+
+async def _exchange(
+    session: aiohttp.ClientSession,
+    credentials: CredentialSource,
+    outbound: Outbound,
+    observe: _Observer,
+) -> tuple[aiohttp.ClientResponse, dict[str, str]]:
+    """Send once; after a 401, replay once if the body was kept and a new credential exists."""
+    sent = await credentials.authorization(replayable=outbound.body.replayable)
+    first = await _send(session, outbound, sent, observe)
+    if first.status != 401:
+        return first, {}
+    if not outbound.body.replayable:
+        observe.replay("body_too_large")
+        return first, {REPLAY_HEADER: REPLAY_BODY_TOO_LARGE}
+    try:
+        fresh = await credentials.on_rejected(sent)
+    except BaseException:
+        first.close()
+        raise
+    if fresh is None:
+        observe.replay("no_new_token")
+        return first, {}
+    first.close()  # the rejected answer is dropped; its connection is not worth draining
+    # A 401 to the replay goes back as it is: the token owner has had its one chance.
+    replayed = await _send(session, outbound, fresh, observe)
+    observe.replay("rejected" if replayed.status == 401 else "ok")
+    return replayed, {}
+
+
+async def _relay_response(
+    request: web.Request, upstream: aiohttp.ClientResponse, extra: dict[str, str]
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    # Content-Length and Content-Encoding pass through as they are; the response
+    # is never compressed by us, so the length stays true.
+    response.headers.extend(strip_hop_by_hop(upstream.raw_headers))
+    response.headers.update(extra)
+    await response.prepare(request)
+    try:
+        with map_client_errors():
+            # As it arrives, like uploads: re-cutting into exact sizes only costs copies.
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+    except UpstreamError:
+        # The status line is gone: the only honest signal left is a cut connection,
+        # so the client sees a truncated body rather than a complete-looking one.
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
+    return response
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    """The catch-all handler: relay the request to the Pleo API with the credential added."""
+    config = current_config(request.app)
+    session = request.config_dict[UPSTREAM_SESSION_KEY]
+    credentials = request.config_dict[CREDENTIALS_KEY]
+    try:
+        body = await read_body(
+            request, config.refresh.replay_body_limit, stall_after=config.timeouts.read
+        )
+        outbound = _outbound(request, config, body)
+        upstream, extra = await _exchange(session, credentials, outbound, _Observer(request))
+    except ClientBodyTimeout as err:
+        # The unread rest of the body makes the connection unusable: answer and close
+        # now (aiohttp would otherwise linger, reading, for up to 10 s).
+        response = web.json_response(err.body(), status=err.status)
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    try:
+        return await _relay_response(request, upstream, extra)
+    except BaseException:
+        # Cancelled (client gone) or failed: drop the upstream connection, don't pool it.
+        upstream.close()
+        raise
+    finally:
+        upstream.release()

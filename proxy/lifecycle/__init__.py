@@ -1,0 +1,1 @@
+"""The connection lifecycle: token manager, its pure rules, the OAuth wire, credentials."""

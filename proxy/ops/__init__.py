@@ -1,0 +1,1 @@
+"""Operations: metrics, logs, sd_notify, workers, reload."""

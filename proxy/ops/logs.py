@@ -1,0 +1,139 @@
+"""Logging set-up: human text or JSON lines on stderr, with a redaction filter.
+
+The filter is the last line of defence: secrets travel as `Secret` and are never
+formatted into messages, but if a future change logs one by mistake, anything that
+looks like a credential is masked before the line is written: message, structured
+fields and exception text alike. Must not decide what is logged, only how.
+
+One exemption: the authorise page URL (`?setup=<code>`) logged by the `proxy.authorise` logger
+keeps its setup code, because that line is how the operator gets in (the same URL is
+in the 0600 `authorize-url` file). Every other record has `setup=` masked too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from typing import Any
+
+from aiohttp.http_exceptions import HttpProcessingError
+
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+MASK = "[redacted]"
+# The logger whose setup URL stays readable (see the module docstring).
+SETUP_URL_LOGGER = "proxy.authorise"
+
+_AUTH_SCHEME = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{4,}")
+_CREDENTIAL_NAMES = (
+    r"access_token|refresh_token|id_token|client_secret|api_key|code|code_verifier"
+    r"|password|authorization|token|secret"
+)
+# `name=value`, `name: value`, `"name": "value"`; the value up to a delimiter.
+_NAMED = r"([\"']?\b(?:{names})[\"']?\s*{sep}\s*[\"']?)[^\s\"'&,;}}]{{4,}}"
+_CREDENTIAL_PARAM = re.compile("(?i)" + _NAMED.format(names=_CREDENTIAL_NAMES, sep="[=:]"))
+# OAuth `state` and our `setup` code travel as query parameters: only `name=value`, so
+# that prose such as "token state: authorised" stays readable.
+_QUERY_PARAM = re.compile("(?i)" + _NAMED.format(names="state", sep="="))
+_SETUP_PARAM = re.compile("(?i)" + _NAMED.format(names="setup", sep="="))
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")
+
+
+def redact(text: str, *, keep_setup: bool = False) -> str:
+    """Mask anything in `text` that looks like a credential (and setup codes, unless kept)."""
+    text = _AUTH_SCHEME.sub(lambda m: f"{m.group(1)} {MASK}", text)
+    text = _CREDENTIAL_PARAM.sub(lambda m: f"{m.group(1)}{MASK}", text)
+    text = _QUERY_PARAM.sub(lambda m: f"{m.group(1)}{MASK}", text)
+    if not keep_setup:
+        text = _SETUP_PARAM.sub(lambda m: f"{m.group(1)}{MASK}", text)
+    return _JWT.sub(MASK, text)
+
+
+def _redact_value(value: Any, *, keep_setup: bool) -> Any:
+    if isinstance(value, str):
+        return redact(value, keep_setup=keep_setup)
+    if isinstance(value, list | tuple):
+        return [_redact_value(v, keep_setup=keep_setup) for v in value]
+    if isinstance(value, dict):
+        return {k: _redact_value(v, keep_setup=keep_setup) for k, v in value.items()}
+    return value
+
+
+def _drop_request_bytes(record: logging.LogRecord) -> None:
+    """aiohttp logs a rejected request's parse error with the offending bytes in it
+    (e.g. the start of an over-long `Authorization` header): keep only the error's kind."""
+    exc_type = record.exc_info[0] if record.exc_info else None
+    if exc_type is not None and issubclass(exc_type, HttpProcessingError):
+        record.msg = f"{record.getMessage()} ({exc_type.__name__}; request bytes not logged)"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+
+
+class RedactingFilter(logging.Filter):
+    """Formats the record's message once, redacted, so no argument escapes unmasked."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        _drop_request_bytes(record)
+        keep_setup = record.name == SETUP_URL_LOGGER
+        record.msg = redact(record.getMessage(), keep_setup=keep_setup)
+        record.args = None
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            record.fields = _redact_value(fields, keep_setup=keep_setup)
+        if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
+            # The traceback's exception messages are text too; format them here, redacted
+            # (formatters reuse exc_text rather than formatting exc_info again).
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        extra = getattr(record, "fields", None)
+        if isinstance(extra, dict):
+            doc.update(extra)
+        if record.exc_info and record.exc_info[0] is not None:
+            doc["exception"] = record.exc_info[0].__name__
+        return json.dumps(doc, ensure_ascii=False, default=str)
+
+
+def log_handler(stream: Any, *, fmt: str) -> logging.Handler:
+    """A handler writing to `stream` as `fmt` ("json" or "text"), redaction included."""
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactingFilter())
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
+def set_level(level: str) -> None:
+    """The root level by name (a reload changes it while serving)."""
+    logging.getLogger().setLevel(LEVELS.get(level, logging.INFO))
+
+
+def setup_logging(level: str = "info", *, fmt: str | None = None) -> None:
+    """Log to stderr: JSON lines when `fmt == "json"` or stderr is not a TTY, else text."""
+    if fmt is None:
+        fmt = "text" if sys.stderr.isatty() else "json"
+    root = logging.getLogger()
+    root.handlers[:] = [log_handler(sys.stderr, fmt=fmt)]
+    set_level(level)
+    # aiohttp's access log duplicates our own request line (issue: operating it).
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

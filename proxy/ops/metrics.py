@@ -1,0 +1,201 @@
+"""Prometheus metrics: one registry per application, fixed label sets, text exposition.
+
+Owns the metric objects, the label vocabularies (standard methods, status classes,
+refresh outcomes, replay results, guard reasons) and rendering via prometheus-client.
+Must not take a label value from request data beyond the method and the status
+class, and must never see a secret (it is handed numbers and fixed words only).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Awaitable, Callable, Iterable
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from proxy.lifecycle.rules import TokenEvents
+
+# RFC 9110 §9 and PATCH (RFC 5789); anything else is counted as OTHER, so a client
+# cannot create series by inventing methods.
+STANDARD_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
+REFRESH_OUTCOMES = ("ok", "transient", "invalid_grant", "client_rejected", "adopted")
+REPLAY_RESULTS = ("ok", "rejected", "body_too_large", "no_new_token")
+GUARD_REASONS = (
+    "host_not_allowed",
+    "cross_site_request",
+    "absolute_form_not_allowed",
+    "method_not_allowed",
+)
+# Upstream answers range from a few ms (cached) to minutes (exports).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+LOCK_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30)
+
+ExpirySource = Callable[[], float | None]
+
+
+def method_label(method: str) -> str:
+    """The method as a label: one of the standard methods, else OTHER."""
+    upper = method.upper()
+    return upper if upper in STANDARD_METHODS else "OTHER"
+
+
+def status_class(status: int) -> str:
+    """`2xx`, `4xx`, ...; anything outside 100-599 is `other`."""
+    return f"{status // 100}xx" if 100 <= status <= 599 else "other"
+
+
+class _RefusalCollector(Collector):
+    """Guard refusals, read at scrape time from the guard's own counter."""
+
+    def __init__(self, counts: collections.Counter[str]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "pleo_proxy_guard_refusals", "Requests refused by the guard", labels=["reason"]
+        )
+        for reason in GUARD_REASONS:
+            family.add_metric([reason], float(self._counts[reason]))
+        yield family
+
+
+class _ExpiryCollector(Collector):
+    """Seconds until the access token expires, evaluated at scrape time."""
+
+    def __init__(self, source: ExpirySource) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        seconds = self._source()
+        family = GaugeMetricFamily(
+            "pleo_proxy_access_token_expires_in_seconds",
+            "Seconds until the current access token expires (NaN without one)",
+            value=math.nan if seconds is None else seconds,
+        )
+        yield family
+
+
+class Metrics(TokenEvents):
+    """The application's metrics; also the token manager's event hook."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._define_traffic()
+        self._define_tokens()
+
+    def _define_traffic(self) -> None:
+        registry = self.registry
+        self.requests = Counter(
+            "pleo_proxy_requests",
+            "Requests answered, by method and status class",
+            ["method", "status_class"],
+            registry=registry,
+        )
+        self.upstream_seconds = Histogram(
+            "pleo_proxy_upstream_seconds",
+            "Time until the Pleo API's response headers arrived",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "pleo_proxy_in_flight_requests", "Requests being handled now", registry=registry
+        )
+        self.bytes_in = Counter(
+            "pleo_proxy_request_body_bytes", "Request body bytes received", registry=registry
+        )
+        self.bytes_out = Counter(
+            "pleo_proxy_response_body_bytes", "Response body bytes sent", registry=registry
+        )
+        self.replays = Counter(
+            "pleo_proxy_replays",
+            "Handling of a 401 from Pleo, by result",
+            ["result"],
+            registry=registry,
+        )
+        for result in REPLAY_RESULTS:
+            self.replays.labels(result)
+
+    def _define_tokens(self) -> None:
+        registry = self.registry
+        self.refreshes = Counter(
+            "pleo_proxy_token_refreshes",
+            "Refresh attempts by outcome (adopted: another process had refreshed)",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in REFRESH_OUTCOMES:
+            self.refreshes.labels(outcome)
+        self.lock_wait = Histogram(
+            "pleo_proxy_refresh_lock_wait_seconds",
+            "Time spent waiting for the token store's refresh lock",
+            buckets=LOCK_WAIT_BUCKETS,
+            registry=registry,
+        )
+
+    # -- wiring ----------------------------------------------------------------------
+
+    def count_refusals(self, counts: collections.Counter[str]) -> None:
+        """Expose the guard's refusal counter (read at scrape time)."""
+        self.registry.register(_RefusalCollector(counts))
+
+    def watch_expiry(self, source: ExpirySource) -> None:
+        """Expose `source()` (seconds until expiry, or None) as a gauge read at scrape time."""
+        self.registry.register(_ExpiryCollector(source))
+
+    # -- observations ------------------------------------------------------------------
+
+    def request_done(self, method: str, status: int, *, bytes_in: int, bytes_out: int) -> None:
+        self.requests.labels(method_label(method), status_class(status)).inc()
+        self.bytes_in.inc(max(0, bytes_in))
+        self.bytes_out.inc(max(0, bytes_out))
+
+    def upstream_answered(self, seconds: float) -> None:
+        self.upstream_seconds.observe(seconds)
+
+    def replayed(self, result: str) -> None:
+        self.replays.labels(result if result in REPLAY_RESULTS else "other").inc()
+
+    # -- TokenEvents -------------------------------------------------------------------
+
+    def refreshed(self, outcome: str) -> None:
+        self.refreshes.labels(outcome if outcome in REFRESH_OUTCOMES else "other").inc()
+
+    def lock_waited(self, seconds: float) -> None:
+        self.lock_wait.observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+METRICS_KEY = web.AppKey("metrics", Metrics)
+
+
+def metrics_of(request: web.BaseRequest) -> Metrics | None:
+    """The metrics of the application serving `request`, if it has any."""
+    if not isinstance(request, web.Request):
+        return None
+    return request.config_dict.get(METRICS_KEY)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def in_flight_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count the request as in flight while any middleware or handler works on it."""
+    with request.config_dict[METRICS_KEY].in_flight.track_inprogress():
+        return await handler(request)
