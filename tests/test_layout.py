@@ -44,6 +44,7 @@ LEAVES = (
     "tokenset.py",
     "lifecycle/rules.py",
     "urls.py",
+    "names.py",
     "ops/sdnotify.py",
     "ops/logs.py",
     "ops/metrics.py",
