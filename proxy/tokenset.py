@@ -36,6 +36,31 @@ class TokenSet:
 
 
 @dataclass(frozen=True)
+class Link:
+    """A one-time connect link: the hash of its code, when it expires, where to go after."""
+
+    code_hash: str  # sha256 hex of the code: the code itself is never stored
+    expires_at: float
+    return_to: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "code_hash": self.code_hash,
+            "expires_at": self.expires_at,
+            "return_to": self.return_to,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Link:
+        return_to = raw.get("return_to")
+        return cls(
+            code_hash=str(raw["code_hash"]),
+            expires_at=float(raw["expires_at"]),
+            return_to=str(return_to) if return_to is not None else None,
+        )
+
+
+@dataclass(frozen=True)
 class StoredState:
     """Everything persisted for one Pleo connection (sealed by the store)."""
 
@@ -53,6 +78,8 @@ class StoredState:
     reauth_reason: str | None = None
     generation: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # The connect link a customer may use while the connection needs consent.
+    link: Link | None = None
 
     def evolve(self, **changes: Any) -> StoredState:
         """A copy with `changes` applied and the generation bumped."""
@@ -97,6 +124,7 @@ def state_to_json(state: StoredState) -> bytes:
         "reauth_reason": state.reauth_reason,
         "generation": state.generation,
         "extra": state.extra,
+        "link": state.link.to_dict() if state.link else None,
     }
     return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -120,6 +148,7 @@ def state_from_json(data: bytes) -> StoredState:
             reauth_reason=doc.get("reauth_reason"),
             generation=int(doc.get("generation", 0)),
             extra=dict(doc.get("extra") or {}),
+            link=Link.from_dict(doc["link"]) if doc.get("link") else None,
         )
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         # The message names the problem's kind only: the document holds secrets.

@@ -9,6 +9,7 @@ from __future__ import annotations
 from yarl import URL
 
 from proxy.config import CALLBACK_PATH, Config
+from proxy.names import DEFAULT_CONNECTION
 
 AUTHORIZE_PATH = "/_proxy/authorize"
 
@@ -37,13 +38,22 @@ def page_origin(config: Config) -> str:
     """Scheme, host and port of the authorise page.
 
     Those of the redirect URI when it is our callback, so that the state cookie set by
-    the page is sent with the callback; otherwise the proxy's own (paste flow).
+    the page is sent with the callback; otherwise the proxy's own (paste flow). A pages
+    listener behind a public front is reached at `pages.public_url`.
     """
+    if config.pages.public_url is not None:
+        return origin_of(config.pages.public_url)
     if callback_reaches_proxy(config):
         return origin_of(config.pleo.redirect_uri)
     return proxy_origin(config)
 
 
-def authorise_page_url(config: Config) -> str:
-    """The authorise page without its setup code: what 503 bodies and `status` name."""
-    return page_origin(config) + AUTHORIZE_PATH
+def authorise_page_url(config: Config, connection: str = DEFAULT_CONNECTION) -> str:
+    """The authorise page without its setup code: what 503 bodies and `status` name.
+
+    The default connection's page has no query, as it always had; another's names it.
+    """
+    url = page_origin(config) + AUTHORIZE_PATH
+    if connection != DEFAULT_CONNECTION:
+        url = str(URL(url).with_query(connection=connection))
+    return url

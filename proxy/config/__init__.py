@@ -7,9 +7,7 @@ secret value in a message.
 
 from __future__ import annotations
 
-import difflib
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,11 +15,19 @@ from typing import Any, Literal, get_args
 
 import yaml
 
+from proxy.config.reader import Reader, Spec, valid as valid_values
+from proxy.config.sections import (
+    Admin as Admin,
+    Connections as Connections,
+    ConnectionSpec as ConnectionSpec,
+    Events as Events,
+    Pages as Pages,
+    build_sections,
+    max_concurrent_parser,
+    sections_spec,
+)
 from proxy.config.values import (
     MIB,
-    AtItem,
-    Parser,
-    describe,
     home_dir,
     is_loopback_host as is_loopback_host,
     parse_api_url,
@@ -42,7 +48,6 @@ from proxy.config.values import (
     parse_string,
     parse_url,
     parse_within,
-    substitute,
 )
 from proxy.errors import ConfigError, Problem
 from proxy.secret import Secret
@@ -124,6 +129,7 @@ class Refresh:
     before_expiry: float = 120.0
     replay_body_limit: int = 1 * MIB
     keepalive: float = 7 * 24 * 3600.0
+    max_concurrent: int = 4  # token-endpoint calls in flight at once, all connections
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,10 @@ class Config:
     log_level: str = "info"  # one of LogLevel
     workers: int = 1  # processes serving one port (SO_REUSEPORT), sharing the token store
     limits: Limits = field(default_factory=Limits)
+    connections: Connections = field(default_factory=Connections)
+    admin: Admin = field(default_factory=Admin)
+    events: Events = field(default_factory=Events)
+    pages: Pages = field(default_factory=Pages)
 
 
 def environment_defaults(
@@ -171,69 +181,6 @@ def environment_defaults(
         base = sandbox_url.rstrip("/")
         return base, f"{base}/oauth/authorize", f"{base}/oauth/token"
     return ENVIRONMENTS[env]
-
-
-# --- the reader: walks the document in order, collecting every problem ---
-
-Spec = Mapping[str, "Parser | Spec"]
-_INVALID = object()  # a key that was present but had a problem
-
-
-class _Reader:
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self.environ = environ
-        self.seq = 0  # keys visited so far: problems are sorted by it (document order)
-        self.ends: dict[str, int] = {}  # section → seq of its last key
-        self._problems: list[tuple[int, Problem]] = []
-
-    def add(self, path: str, message: str, *, at: int | None = None) -> None:
-        self._problems.append((self.seq if at is None else at, Problem(path, message)))
-
-    def problems(self) -> list[Problem]:
-        return [problem for _, problem in sorted(self._problems, key=lambda item: item[0])]
-
-    def section(self, value: object, path: str, spec: Spec) -> dict[str, Any]:
-        """The parsed keys of one mapping; absent keys are absent, failed ones `_INVALID`."""
-        out: dict[str, Any] = {}
-        if value is not None and not isinstance(value, Mapping):
-            self.add(path, f"expected a mapping, got {describe(value)}")
-        for key, raw in value.items() if isinstance(value, Mapping) else ():
-            self.seq += 1
-            key_path = _key_path(path, key)
-            entry = spec.get(key) if isinstance(key, str) else None
-            if entry is None:
-                self.add(key_path, _unknown_key(key, spec))
-            elif isinstance(entry, Mapping):
-                out[key] = self.section(raw, key_path, entry)
-            elif raw is not None:  # `key:` with no value means "use the default"
-                out[key] = self.value(raw, key_path, entry)
-        self.ends[path] = self.seq
-        return out
-
-    def value(self, raw: object, path: str, parse: Parser) -> Any:
-        try:
-            return parse(substitute(raw, self.environ))
-        except ValueError as exc:
-            where = f"{path}[{exc.index}]" if isinstance(exc, AtItem) else path
-            self.add(where, str(exc))
-            return _INVALID
-
-
-_PLAIN_KEY = re.compile(r"[^\s:.\[\]'\"]+")
-
-
-def _key_path(path: str, key: object) -> str:
-    """`path.key`; an odd key (empty, not a string, with spaces or dots) is quoted by repr
-    so every problem still reads as one unambiguous `path: message` line."""
-    name = key if isinstance(key, str) and _PLAIN_KEY.fullmatch(key) else repr(key)
-    return f"{path}.{name}" if path else name
-
-
-def _unknown_key(key: object, spec: Spec) -> str:
-    close = difflib.get_close_matches(str(key), list(spec), n=1)
-    if close:
-        return f"unknown key (did you mean {close[0]!r}?)"
-    return f"unknown key; expected one of {', '.join(spec)}"
 
 
 def _spec(base_dir: Path, environ: Mapping[str, str]) -> Spec:
@@ -271,6 +218,7 @@ def _spec(base_dir: Path, environ: Mapping[str, str]) -> Spec:
             "before_expiry": non_negative,
             "replay_body_limit": parse_size,
             "keepalive": positive,
+            "max_concurrent": max_concurrent_parser(),
         },
         "timeouts": {k: positive for k in ("connect", "read", "token_request", "shutdown")},
         "log_level": parse_choice("log level", get_args(LogLevel)),
@@ -281,17 +229,14 @@ def _spec(base_dir: Path, environ: Mapping[str, str]) -> Spec:
             "max_headers": parse_within(parse_integer, 1, 10_000),
             "idle_timeout": positive,
         },
+        **sections_spec(path, parse_host),
     }
 
 
 # --- assembly: defaults and rules that span keys ---
 
 
-def _valid(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if v is not _INVALID}
-
-
-def _one_secret(values: dict[str, Any], key: str, reader: _Reader, at: int) -> Secret | None:
+def _one_secret(values: dict[str, Any], key: str, reader: Reader, at: int) -> Secret | None:
     """`key` XOR `key_file` (like oauth2-proxy's SecretSource): the secret, if any."""
     file_key = f"{key}_file"
     if key in values and file_key in values:
@@ -302,13 +247,16 @@ def _one_secret(values: dict[str, Any], key: str, reader: _Reader, at: int) -> S
     return None
 
 
-def _build_pleo(values: dict[str, Any], listen: Listen, reader: _Reader) -> Pleo:
+def _build_pleo(
+    values: dict[str, Any], listen: Listen, reader: Reader, *, public_url: str | None
+) -> Pleo:
     at = reader.ends.get("pleo", reader.seq)
     api_key = _one_secret(values, "api_key", reader, at)
     client_secret = _one_secret(values, "client_secret", reader, at)
-    valid = _valid(values)
+    valid = valid_values(values)
     api_url, authorize_url, token_url = environment_defaults(valid.get("environment", "production"))
-    redirect_uri = f"http://localhost:{listen.port}{CALLBACK_PATH}"
+    # Pages behind a public front: Pleo sends the browser back there.
+    redirect_uri = f"{public_url or f'http://localhost:{listen.port}'}{CALLBACK_PATH}"
     if "api_key" not in values and "api_key_file" not in values:  # OAuth mode
         if "client_id" not in values:
             reader.add("pleo.client_id", "required (or set pleo.api_key for API-key mode)", at=at)
@@ -316,7 +264,7 @@ def _build_pleo(values: dict[str, Any], listen: Listen, reader: _Reader) -> Pleo
             reader.add(
                 "pleo.client_secret", "required: set client_secret or client_secret_file", at=at
             )
-        if "redirect_uri" not in values and listen.port == 0:
+        if "redirect_uri" not in values and listen.port == 0 and public_url is None:
             reader.add("pleo.redirect_uri", "required when listen.port is 0", at=at)
     fields: dict[str, Any] = {
         "api_url": api_url,
@@ -330,8 +278,8 @@ def _build_pleo(values: dict[str, Any], listen: Listen, reader: _Reader) -> Pleo
     return replace(Pleo(), **fields)
 
 
-def _build_tokens(values: dict[str, Any], reader: _Reader) -> TokensConfig:
-    valid = _valid(values)
+def _build_tokens(values: dict[str, Any], reader: Reader) -> TokensConfig:
+    valid = valid_values(values)
     state_dirs = reader.environ.get("STATE_DIRECTORY", "")
     if state_dirs:  # systemd StateDirectory=; several are ':'-separated, the first is ours
         default_path = Path(state_dirs.split(":")[0]) / "tokens.enc"
@@ -345,17 +293,25 @@ def _build_tokens(values: dict[str, Any], reader: _Reader) -> TokensConfig:
     return replace(TokensConfig(), **(valid | {"path": path, "key_file": key_file}))
 
 
-def _build(values: dict[str, Any], reader: _Reader) -> Config:
-    listen = replace(Listen(), **_valid(values.get("listen", {})))
+def _build(values: dict[str, Any], reader: Reader) -> Config:
+    listen = replace(Listen(), **valid_values(values.get("listen", {})))
+    sections = build_sections(values, reader, main_port=listen.port)
+    pleo = _build_pleo(values.get("pleo", {}), listen, reader, public_url=sections.pages.public_url)
+    if pleo.uses_api_key and not sections.connections.implicit_default:
+        reader.add("connections", "connections need OAuth; pleo.api_key is set")
     return Config(
         listen=listen,
-        pleo=_build_pleo(values.get("pleo", {}), listen, reader),
+        pleo=pleo,
         tokens=_build_tokens(values.get("tokens", {}), reader),
-        refresh=replace(Refresh(), **_valid(values.get("refresh", {}))),
-        timeouts=replace(Timeouts(), **_valid(values.get("timeouts", {}))),
-        log_level=_valid(values).get("log_level", "info"),
-        workers=_valid(values).get("workers", 1),
-        limits=replace(Limits(), **_valid(values.get("limits", {}))),
+        refresh=replace(Refresh(), **valid_values(values.get("refresh", {}))),
+        timeouts=replace(Timeouts(), **valid_values(values.get("timeouts", {}))),
+        log_level=valid_values(values).get("log_level", "info"),
+        workers=valid_values(values).get("workers", 1),
+        limits=replace(Limits(), **valid_values(values.get("limits", {}))),
+        connections=sections.connections,
+        admin=sections.admin,
+        events=sections.events,
+        pages=sections.pages,
     )
 
 
@@ -367,7 +323,7 @@ def parse_config(doc: object, *, base_dir: Path, environ: Mapping[str, str]) -> 
         kind = type(doc).__name__  # not the value: a pasted secret must not come back
         message = f"expected a mapping of settings at the top level, got {kind}"
         raise ConfigError([Problem(FILE_PROBLEM_PATH, message)])
-    reader = _Reader(environ)
+    reader = Reader(environ)
     config = _build(reader.section(doc, "", _spec(base_dir, environ)), reader)
     if problems := reader.problems():
         raise ConfigError(problems)

@@ -1,9 +1,8 @@
-"""The token manager: the one owner of the token state machine, refresh and retries.
+"""The token manager of one connection: its state machine, single-flight and retries.
 
 States: unauthorised → authorised ⇄ refreshing → reauthorization_required.
-Refresh sequence: single-flight in the process → store lock (bounded) → re-read the
-store (another process may have refreshed) → mark the refresh in the store → refresh
-at Pleo → persist (fsync) → release → hand out.
+A refresh is single-flight in the process, then `RefreshSequence` (lock, re-read,
+mark, Pleo, persist) under the one retry loop here; then the new tokens are handed out.
 Must not know file formats, Redis commands or aiohttp server objects.
 """
 
@@ -28,7 +27,7 @@ from proxy.errors import (
     StoreError,
     TransientOAuthError,
 )
-from proxy.lifecycle import oauth
+from proxy.lifecycle.refresh import GrantEnded, NothingToRefresh, Refreshed, RefreshSequence
 from proxy.lifecycle.rules import (
     BACKGROUND_TICK as BACKGROUND_TICK,
     BACKOFF_CAP,
@@ -43,11 +42,11 @@ from proxy.lifecycle.rules import (
     bearer as bearer,
     iso_utc,
     refresh_margin as refresh_margin,
-    with_scopes,
 )
+from proxy.names import DEFAULT_CONNECTION
 from proxy.secret import Secret
 from proxy.store import TokenStore
-from proxy.tokenset import StoredState, TokenSet
+from proxy.tokenset import Link, StoredState, TokenSet
 from proxy.urls import authorise_page_url
 
 log = logging.getLogger("proxy.tokens")
@@ -64,12 +63,17 @@ class TokenManager:
         *,
         clock: Callable[[], float] = time.time,
         events: TokenEvents | None = None,
+        name: str = DEFAULT_CONNECTION,
+        limiter: asyncio.Semaphore | None = None,
     ) -> None:
+        self.name = name
         self._config = config
         self._events = events if events is not None else TokenEvents()
         self._store = store
-        self._session = session
         self._clock = clock
+        self._sequence = RefreshSequence(
+            config, store, session, clock=clock, events=self._events, limiter=limiter
+        )
         self._listeners: list[StateListener] = []
         self._state = TokenState.UNAUTHORISED
         self._stored: StoredState | None = None
@@ -79,13 +83,19 @@ class TokenManager:
         self._last_reread = float("-inf")
         self._client_rejected: str | None = None
         self._last_transient: str | None = None
-        self._unsaved: StoredState | None = None  # refreshed tokens whose write failed
         self._started = False
-        self._page_url = authorise_page_url(config)
+        self._poll_store = True
+        self._page_url = authorise_page_url(config, name)
 
     def use_timeouts(self, timeouts: Timeouts) -> None:
         """Timeouts from a reloaded configuration (token requests and lock waits)."""
         self._config = dataclasses.replace(self._config, timeouts=timeouts)
+        self._sequence.config = self._config
+
+    @property
+    def page_url(self) -> str:
+        """This connection's authorise page, without any code."""
+        return self._page_url
 
     # -- state ---------------------------------------------------------------------
 
@@ -97,6 +107,11 @@ class TokenManager:
     def tokens(self) -> TokenSet | None:
         return self._stored.tokens if self._stored else None
 
+    @property
+    def stored(self) -> StoredState | None:
+        """What the store last held for this connection (holds secrets: never log it)."""
+        return self._stored
+
     def subscribe(self, listener: StateListener) -> None:
         """Call `listener(state)` on every state change (and once now, with the current state)."""
         self._listeners.append(listener)
@@ -105,13 +120,17 @@ class TokenManager:
     def _set_state(self, state: TokenState) -> None:
         if state is self._state:
             return
+        previous = self._state
+        fields = {"event": "state", "from": previous.value, "to": state.value}
         log.info(
             "token state: %s → %s",
-            self._state.value,
+            previous.value,
             state.value,
-            extra={"fields": {"event": "state", "from": self._state.value, "to": state.value}},
+            extra={"fields": fields | {"connection": self.name}},
         )
         self._state = state
+        reason = self._stored.reauth_reason if self._stored else None
+        self._events.state_changed(previous, state, reason)
         for listener in list(self._listeners):
             listener(state)
 
@@ -127,9 +146,18 @@ class TokenManager:
 
     # -- lifecycle -----------------------------------------------------------------
 
-    async def start(self, *, background: bool = True) -> None:
-        """Load the store; with `background`, start the proactive refresh task."""
-        await self._store.verify()
+    async def start(
+        self, *, background: bool = True, verify: bool = True, poll_store: bool = True
+    ) -> None:
+        """Load the store; with `background`, start the proactive refresh task.
+
+        `verify` checks the store first (once per store, not per connection of one);
+        `poll_store` lets the idle background task re-read it each second (a registry
+        that watches the store's change marker turns it off).
+        """
+        if verify:
+            await self._store.verify()
+        self._poll_store = poll_store
         stored = await self._store.load()
         self._last_reread = self._clock()
         self._adopt(stored)
@@ -208,7 +236,11 @@ class TokenManager:
         now = self._clock()
         if now - self._last_reread < REREAD_INTERVAL:
             return
-        self._last_reread = now
+        await self.reread()
+
+    async def reread(self) -> None:
+        """Re-read the store now and take usable tokens found there (another process's)."""
+        self._last_reread = self._clock()
         try:
             stored = await self._store.load()
         except StoreError as exc:
@@ -271,20 +303,38 @@ class TokenManager:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _refresh_once(self, request: RefreshRequest) -> TokenSet:
-        lock_timeout = self._config.timeouts.token_request + 10
-        waiting_since = time.monotonic()
-        async with self._store.lock(lock_timeout):
-            self._events.lock_waited(time.monotonic() - waiting_since)
-            await self._flush_unsaved()
-            # Another process may have refreshed (or ended the grant) meanwhile.
-            stored = await self._store.load()
+        try:
+            result = await self._sequence.run(request, self.tokens)
+        except NothingToRefresh as exc:
+            if exc.detail is not None:
+                raise ReauthorizationRequired(exc.detail, authorize_url=self._page_url) from None
+            self._adopt(exc.stored)
+            raise self._reauth_error() from None
+        except GrantEnded as ended:
+            self._adopt(ended.stored)
+            raise self._reauth_error() from None
+        except ClientRejected as exc:
+            self._client_rejected = exc.detail
+            self._take_recorded()
+            raise
+        except OAuthError:
+            self._take_recorded()
+            raise
+        finally:
             self._last_reread = self._clock()
-            tokens, refresh_token = self._refreshable(stored)
-            assert stored is not None  # noqa: S101 - _refreshable raised otherwise
-            if self._store_makes_refresh_unneeded(tokens, request):
-                self._adopt_refreshed_elsewhere(stored)
-                return tokens
-            return await self._refresh_at_pleo(stored, tokens, refresh_token)
+        self._take_result(result)
+        return result.tokens
+
+    def _take_recorded(self) -> None:
+        """A failed attempt was recorded in the store: know it, without a state change."""
+        if self._sequence.recorded is not None:
+            self._stored, self._sequence.recorded = self._sequence.recorded, None
+
+    def _take_result(self, result: Refreshed) -> None:
+        if result.by_us or result.flushed:
+            self._adopt(result.stored)
+        else:
+            self._adopt_refreshed_elsewhere(result.stored)
 
     def _adopt_refreshed_elsewhere(self, stored: StoredState) -> None:
         """Take the store's tokens instead of refreshing; counted when they are new to us."""
@@ -298,133 +348,6 @@ class TokenManager:
                 "adopted tokens another process refreshed",
                 extra={"fields": {"event": "refresh", "outcome": "adopted"}},
             )
-
-    def _refreshable(self, stored: StoredState | None) -> tuple[TokenSet, Secret]:
-        """The stored tokens and refresh token; raises when there is nothing to refresh."""
-        if stored is None or stored.tokens is None or stored.reauth_reason is not None:
-            self._adopt(stored)
-            raise self._reauth_error()
-        if stored.tokens.refresh_token is None:
-            raise ReauthorizationRequired(
-                "no refresh token is stored; authorise again", authorize_url=self._page_url
-            )
-        return stored.tokens, stored.tokens.refresh_token
-
-    def _store_makes_refresh_unneeded(self, stored: TokenSet, request: RefreshRequest) -> bool:
-        """True when the store already holds what this refresh was meant to produce."""
-        if request.rejected is not None:
-            return bearer(stored) != request.rejected
-        mine = self.tokens
-        newer = mine is None or mine.access_token != stored.access_token
-        if request.force and not newer:
-            return False
-        return stored.is_valid(self._clock(), for_at_least=request.fresh_for)
-
-    async def _refresh_at_pleo(
-        self, stored: StoredState, tokens: TokenSet, refresh_token: Secret
-    ) -> TokenSet:
-        interrupted = stored.refresh_started_at is not None
-        # The mark is durable before Pleo sees the refresh token: a crash from here on
-        # is recognised at the next start.
-        marked = stored.evolve(refresh_started_at=self._clock())
-        await self._store.save(marked)
-        try:
-            new_tokens = await oauth.refresh_tokens(
-                self._session,
-                self._config.pleo,
-                refresh_token=refresh_token,
-                timeout=self._config.timeouts.token_request,
-                now=self._clock(),
-            )
-        except ReauthorizationRequired as exc:
-            reason = INTERRUPTED_REASON if interrupted else exc.detail
-            self._events.refreshed("invalid_grant")
-            await self._end_grant(marked, reason)
-            raise self._reauth_error() from None
-        except ClientRejected as exc:
-            self._client_rejected = exc.detail
-            self._events.refreshed("client_rejected")
-            log.warning(
-                "refresh failed: Pleo rejected the client (%s)",
-                exc.detail,
-                extra={"fields": {"event": "refresh", "outcome": "client_rejected"}},
-            )
-            await self._save_outcome(marked, "client_rejected")
-            raise
-        except OAuthError as exc:
-            self._events.refreshed("transient")
-            log.warning(
-                "refresh failed, will retry: %s",
-                exc.detail,
-                extra={"fields": {"event": "refresh", "outcome": "transient"}},
-            )
-            await self._save_outcome(marked, "transient")
-            raise
-        if not new_tokens.scopes:
-            new_tokens = with_scopes(new_tokens, tokens.scopes)
-        now = self._clock()
-        fresh = marked.evolve(
-            tokens=new_tokens,
-            refresh_started_at=None,
-            last_refresh_at=now,
-            last_refresh_outcome="ok",
-            refresh_count=marked.refresh_count + 1,
-        )
-        # Persist before use: the old refresh token died when Pleo answered.
-        try:
-            await self._store.save(fresh)
-        except StoreError:
-            # These are now the connection's only live tokens. Keep them, unused, in
-            # memory; every later refresh attempt writes them first (`_flush_unsaved`).
-            self._unsaved = fresh
-            log.error(
-                "could not persist the refreshed tokens; kept in memory until a write succeeds",
-                extra={"fields": {"event": "refresh", "outcome": "unsaved"}},
-            )
-            raise
-        self._adopt(fresh)
-        self._events.refreshed("ok")
-        log.info(
-            "refreshed the access token (valid for %.0f s)",
-            new_tokens.lifetime,
-            extra={"fields": {"event": "refresh", "outcome": "ok"}},
-        )
-        return new_tokens
-
-    async def _flush_unsaved(self) -> None:
-        """Write tokens whose save failed after Pleo rotated (call under the lock).
-
-        Until this succeeds nothing is sent to Pleo: the stored refresh token is spent.
-        """
-        if self._unsaved is None:
-            return
-        await self._store.save(self._unsaved)
-        self._adopt(self._unsaved)
-        self._unsaved = None
-        log.info("persisted the refreshed tokens that were kept in memory")
-
-    async def _save_outcome(self, marked: StoredState, outcome: str) -> None:
-        """Record a failed attempt and clear the in-progress mark."""
-        state = marked.evolve(
-            refresh_started_at=None, last_refresh_at=self._clock(), last_refresh_outcome=outcome
-        )
-        await self._store.save(state)
-        self._stored = state
-
-    async def _end_grant(self, marked: StoredState, reason: str) -> None:
-        """Pleo ended the grant: wipe the tokens, keep why, and ask for consent again."""
-        log.warning("Pleo access has ended: %s; re-authorisation is required", reason)
-        ended = StoredState(
-            subject=marked.subject,
-            company_name=marked.company_name,
-            last_refresh_at=self._clock(),
-            last_refresh_outcome="invalid_grant",
-            refresh_count=marked.refresh_count,
-            reauth_reason=reason,
-            generation=marked.generation + 1,
-        )
-        await self._store.save(ended)
-        self._adopt(ended)
 
     # -- installing and removing ---------------------------------------------------
 
@@ -448,17 +371,40 @@ class TokenManager:
         self._adopt(state)
         log.info("connected to Pleo (%s)", company_name or subject or "subject unknown")
 
-    async def logout(self) -> None:
-        """Delete the local tokens and become unauthorised."""
+    async def logout(self, *, keep_entry: bool = False) -> None:
+        """Delete the local tokens and become unauthorised.
+
+        `keep_entry` leaves an empty entry, so a connection that exists only in the
+        store (created at run time) is still known afterwards.
+        """
+        async with self._store.lock(self._config.timeouts.token_request + 10):
+            if keep_entry:
+                previous = await self._store.load()
+                empty = StoredState(generation=(previous.generation + 1) if previous else 1)
+                await self._store.save(empty)
+            else:
+                await self._store.delete()
+        self._adopt(StoredState() if keep_entry else None)
+
+    async def save_link(self, link: Link) -> None:
+        """Store a new connect link (replacing any earlier one); tokens stay as they are."""
+        async with self._store.lock(self._config.timeouts.token_request + 10):
+            previous = await self._store.load()
+            state = (previous or StoredState()).evolve(link=link)
+            await self._store.save(state)
+        self._adopt(state)
+
+    async def forget(self) -> None:
+        """Delete the entry under this connection's lock (no refresh is half done then)."""
         async with self._store.lock(self._config.timeouts.token_request + 10):
             await self._store.delete()
-        self._adopt(None)
+        self._stored = None
 
     # -- background refresh ------------------------------------------------------
 
     def next_refresh_at(self, now: float) -> float | None:
         """When the background task should refresh next, or None while unauthorised."""
-        if self._unsaved is not None:
+        if self._sequence.unsaved is not None:
             return now  # retry the write of the only live tokens
         stored = self._stored
         if stored is None or stored.tokens is None or stored.reauth_reason is not None:
@@ -477,7 +423,8 @@ class TokenManager:
             now = self._clock()
             due = self.next_refresh_at(now)
             if due is None:
-                await self._reread_if_due()
+                if self._poll_store:
+                    await self._reread_if_due()
                 await asyncio.sleep(BACKGROUND_TICK)
                 continue
             if due > now:
@@ -521,4 +468,11 @@ class TokenManager:
             "refresh_count": stored.refresh_count,
             "reason": stored.reauth_reason or self._client_rejected or self._last_transient,
             "authorize_url": self._page_url if tokens is None else None,
+            **_same_subject(stored),
         }
+
+
+def _same_subject(stored: StoredState) -> dict[str, Any]:
+    """Other connections that authorised the same Pleo subject (the same customer twice)."""
+    others = stored.extra.get("same_subject_as")
+    return {"same_subject_as": list(others)} if others else {}

@@ -49,6 +49,9 @@ class TokenEvents:
     def lock_waited(self, seconds: float) -> None:
         """The store's refresh lock was granted after `seconds`."""
 
+    def state_changed(self, previous: TokenState, state: TokenState, reason: str | None) -> None:
+        """The connection went from `previous` to `state` (`reason`: why a grant ended)."""
+
 
 def refresh_margin(tokens: TokenSet, before_expiry: float) -> float:
     """Seconds before expiry at which to refresh: min(before_expiry, lifetime / 2)."""
