@@ -13,7 +13,16 @@ import pytest
 
 from proxy.sandbox import RunningSandbox, SandboxSettings, start_sandbox
 
-__all__ = ["RunningSandbox", "get_stats", "reset_stats", "revoke_all", "sandbox", "set_knobs"]
+__all__ = [
+    "RunningSandbox",
+    "get_grants",
+    "get_stats",
+    "reset_stats",
+    "revoke_all",
+    "revoke_subject",
+    "sandbox",
+    "set_knobs",
+]
 
 # Control calls are local and tiny; a hung sandbox should fail the test, not stall it.
 CONTROL_TIMEOUT = aiohttp.ClientTimeout(total=10)
@@ -58,3 +67,17 @@ async def reset_stats(url: str) -> None:
 async def revoke_all(url: str) -> None:
     """Revoke every grant, as if the user disconnected the app in Pleo."""
     await _control(url, "POST", "revoke")
+
+
+async def revoke_subject(url: str, subject: str) -> int:
+    """Revoke only the grants of one company (its subject URN); returns how many."""
+    answer: dict[str, Any] = await _control(url, "POST", "revoke", {"subject": subject})
+    revoked: int = answer["revoked_grants"]
+    return revoked
+
+
+async def get_grants(url: str) -> list[dict[str, Any]]:
+    """Every grant, oldest first: id, subject, company_name, revoked, refreshes, reuse_detected."""
+    answer: dict[str, Any] = await _control(url, "GET", "grants")
+    grants: list[dict[str, Any]] = answer["grants"]
+    return grants

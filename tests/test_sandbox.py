@@ -18,7 +18,16 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.sandbox import SandboxSettings, serve_sandbox_forever, start_sandbox
-from tests.sandboxes import RunningSandbox, get_stats, reset_stats, revoke_all, sandbox, set_knobs
+from tests.sandboxes import (
+    RunningSandbox,
+    get_grants,
+    get_stats,
+    reset_stats,
+    revoke_all,
+    revoke_subject,
+    sandbox,
+    set_knobs,
+)
 
 __all__ = ["sandbox"]
 
@@ -26,6 +35,12 @@ REDIRECT_URI = SandboxSettings().redirect_uris[0]
 BASIC = aiohttp.encode_basic_auth("sandbox-client", "sandbox-secret")
 TIMEOUT = aiohttp.ClientTimeout(total=30)
 CURSOR_RE = re.compile(r"^[A-Z2-7=~]+$")
+SHARED_SUBJECT = f"urn:pleo:company:{SandboxSettings().company_id}"
+SHARED_COMPANY = (SHARED_SUBJECT, SandboxSettings().company_name)
+UUID4_SUBJECT_RE = re.compile(
+    r"^urn:pleo:company:[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+)
+GRANT_FIELDS = {"id", "subject", "company_name", "revoked", "refreshes", "reuse_detected"}
 
 
 def new_verifier() -> str:
@@ -146,7 +161,7 @@ async def test_full_code_flow_over_http(
     assert info["data"]["authMethod"] == "OAUTH"
     assert info["data"]["clientId"] == "sandbox-client"
     assert info["data"]["scope"] == "users:read test:test"
-    assert info["data"]["subjectURN"] == f"urn:pleo:company:{SandboxSettings().company_id}"
+    assert (info["data"]["subjectURN"], info["data"]["companyName"]) == SHARED_COMPANY
     stats = await get_stats(sandbox.url)
     assert (stats["code_grants"], stats["active_grants"], stats["token_requests"]) == (1, 1, 1)
 
@@ -374,6 +389,164 @@ async def test_revoke_knob_ends_every_grant(
     assert (stats["active_grants"], stats["reuse_detected"]) == (0, 0)
 
 
+# -- companies, per-subject revocation, the grant list --------------------------------
+
+
+async def introspect(http: aiohttp.ClientSession, url: str, token: str) -> tuple[str, str]:
+    """(subjectURN, companyName) the API reports for this access token."""
+    status, body = await api_get(http, url, "/v1/introspect", token)
+    assert status == 200
+    return body["data"]["subjectURN"], body["data"]["companyName"]
+
+
+async def test_grants_share_the_settings_company_by_default(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    assert (await set_knobs(sandbox.url))["distinct_companies"] is False
+    first, second = [await obtain_tokens(http, sandbox.url) for _ in range(2)]
+    assert await introspect(http, sandbox.url, first["access_token"]) == SHARED_COMPANY
+    assert await introspect(http, sandbox.url, second["access_token"]) == SHARED_COMPANY
+    companies = [(g["subject"], g["company_name"]) for g in await get_grants(sandbox.url)]
+    assert companies == [SHARED_COMPANY, SHARED_COMPANY]
+
+
+async def test_distinct_companies_gives_each_grant_its_own_company(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    await set_knobs(sandbox.url, distinct_companies=True)
+    first, second = [await obtain_tokens(http, sandbox.url) for _ in range(2)]
+    subject_1, name_1 = await introspect(http, sandbox.url, first["access_token"])
+    subject_2, name_2 = await introspect(http, sandbox.url, second["access_token"])
+    assert UUID4_SUBJECT_RE.match(subject_1)
+    assert UUID4_SUBJECT_RE.match(subject_2)
+    assert subject_1 != subject_2
+    assert (name_1, name_2) == ("Sandbox Company 1", "Sandbox Company 2")
+    # A refresh keeps the grant's company.
+    _, renewed = await refresh(http, sandbox.url, first["refresh_token"])
+    assert await introspect(http, sandbox.url, renewed["access_token"]) == (subject_1, name_1)
+    companies = [(g["subject"], g["company_name"]) for g in await get_grants(sandbox.url)]
+    assert companies == [(subject_1, name_1), (subject_2, name_2)]
+    # Switched off again, new grants go back to the settings' company.
+    await set_knobs(sandbox.url, distinct_companies=False)
+    third = await obtain_tokens(http, sandbox.url)
+    assert await introspect(http, sandbox.url, third["access_token"]) == SHARED_COMPANY
+
+
+async def test_revoking_one_subject_leaves_the_other_grants_alive(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    await set_knobs(sandbox.url, distinct_companies=True)
+    gone, kept = [await obtain_tokens(http, sandbox.url) for _ in range(2)]
+    gone_subject, _ = await introspect(http, sandbox.url, gone["access_token"])
+    kept_subject, _ = await introspect(http, sandbox.url, kept["access_token"])
+    assert await revoke_subject(sandbox.url, gone_subject) == 1
+    assert (await api_get(http, sandbox.url, "/v1/introspect", gone["access_token"]))[0] == 401
+    status, body = await refresh(http, sandbox.url, gone["refresh_token"])
+    assert (status, body["error"]) == (400, "invalid_grant")
+    assert (await introspect(http, sandbox.url, kept["access_token"]))[0] == kept_subject
+    status, renewed = await refresh(http, sandbox.url, kept["refresh_token"])
+    assert status == 200
+    assert (await api_get(http, sandbox.url, "/v1/introspect", renewed["access_token"]))[0] == 200
+    assert await revoke_subject(sandbox.url, gone_subject) == 0  # already revoked
+    assert await revoke_subject(sandbox.url, "urn:pleo:company:nobody") == 0
+    revoked = {g["subject"]: g["revoked"] for g in await get_grants(sandbox.url)}
+    assert revoked == {gone_subject: True, kept_subject: False}
+    stats = await get_stats(sandbox.url)
+    assert (stats["active_grants"], stats["reuse_detected"]) == (1, 0)
+
+
+async def test_revoking_the_shared_subject_ends_every_grant_of_it(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    for _ in range(2):
+        await obtain_tokens(http, sandbox.url)
+    assert await revoke_subject(sandbox.url, SHARED_SUBJECT) == 2
+    assert (await get_stats(sandbox.url))["active_grants"] == 0
+
+
+@pytest.mark.parametrize("body", [None, {}])
+async def test_revoke_without_a_subject_ends_every_grant(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession, body: dict[str, str] | None
+) -> None:
+    await set_knobs(sandbox.url, distinct_companies=True)
+    issued = [await obtain_tokens(http, sandbox.url) for _ in range(2)]
+    async with http.post(f"{sandbox.url}/_sandbox/revoke", json=body) as r:
+        assert r.status == 200
+        assert await r.json() == {"revoked_grants": 2}
+    for tokens in issued:
+        status, _ = await api_get(http, sandbox.url, "/v1/introspect", tokens["access_token"])
+        assert status == 401
+    assert all(g["revoked"] for g in await get_grants(sandbox.url))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"[]",
+        b"null",
+        b'{"subject": 5}',
+        b'{"subject": ""}',
+        b'{"subject": null}',
+        b'{"subject": "urn:pleo:company:x", "extra": 1}',
+    ],
+)
+async def test_bad_revoke_bodies_are_refused_and_revoke_nothing(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession, body: bytes
+) -> None:
+    tokens = await obtain_tokens(http, sandbox.url)
+    headers = {"Content-Type": "application/json"}
+    async with http.post(f"{sandbox.url}/_sandbox/revoke", data=body, headers=headers) as r:
+        assert r.status == 400
+        assert "error" in await r.json()
+    assert (await api_get(http, sandbox.url, "/v1/introspect", tokens["access_token"]))[0] == 200
+
+
+async def test_grant_list_counts_refreshes_and_shows_no_token(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    assert await get_grants(sandbox.url) == []
+    await set_knobs(sandbox.url, distinct_companies=True)
+    busy, idle = [await obtain_tokens(http, sandbox.url) for _ in range(2)]
+    issued, current = [busy, idle], busy
+    for _ in range(3):
+        status, current = await refresh(http, sandbox.url, current["refresh_token"])
+        assert status == 200
+        issued.append(current)
+    async with http.get(f"{sandbox.url}/_sandbox/grants") as r:
+        assert r.status == 200
+        raw = await r.text()
+    assert "sbx_at_" not in raw
+    assert "sbx_rt_" not in raw
+    for tokens in issued:
+        assert tokens["access_token"] not in raw
+        assert tokens["refresh_token"] not in raw
+    grants = await get_grants(sandbox.url)
+    assert all(set(g) == GRANT_FIELDS for g in grants)
+    assert len({g["id"] for g in grants}) == 2
+    summary = [(g["company_name"], g["refreshes"], g["revoked"]) for g in grants]
+    assert summary == [("Sandbox Company 1", 3, False), ("Sandbox Company 2", 0, False)]
+    assert (await get_stats(sandbox.url))["refresh_grants"] == 3
+
+
+async def test_refresh_token_reuse_is_counted_on_its_own_grant(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    await set_knobs(sandbox.url, distinct_companies=True)
+    copied, clean = [await obtain_tokens(http, sandbox.url) for _ in range(2)]
+    _, renewed = await refresh(http, sandbox.url, copied["refresh_token"])
+    status, body = await refresh(http, sandbox.url, copied["refresh_token"])  # the replay
+    assert (status, body["error"]) == (400, "invalid_grant")
+    status, _ = await refresh(http, sandbox.url, clean["refresh_token"])
+    assert status == 200
+    grants = await get_grants(sandbox.url)
+    summary = [(g["reuse_detected"], g["revoked"], g["refreshes"]) for g in grants]
+    assert summary == [(1, True, 1), (0, False, 1)]
+    stats = await get_stats(sandbox.url)
+    assert (stats["reuse_detected"], stats["active_grants"]) == (1, 1)
+    assert (await api_get(http, sandbox.url, "/v1/introspect", renewed["access_token"]))[0] == 401
+
+
 # -- API ------------------------------------------------------------------------------
 
 
@@ -582,7 +755,13 @@ async def test_latency_knob_slows_the_api(
 
 
 @pytest.mark.parametrize(
-    "knobs", [{"no_such_knob": 1}, {"token_failures": -1}, {"token_failure_mode": "explode"}]
+    "knobs",
+    [
+        {"no_such_knob": 1},
+        {"token_failures": -1},
+        {"token_failure_mode": "explode"},
+        {"distinct_companies": "yes"},
+    ],
 )
 async def test_bad_knobs_are_refused(
     sandbox: RunningSandbox, http: aiohttp.ClientSession, knobs: dict[str, object]

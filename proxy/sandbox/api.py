@@ -86,14 +86,13 @@ def _request_grant(request: web.Request) -> Grant:
 
 async def introspect(request: web.Request) -> web.Response:
     grant = _request_grant(request)
-    settings = request.app[STATE_KEY].settings
     data = {
         "authMethod": "OAUTH",
         "clientId": grant.client_id,
         "scope": " ".join(grant.scopes),
         "applicationName": "Sandbox",
         "subjectURN": grant.subject,
-        "companyName": settings.company_name,
+        "companyName": grant.company_name,
     }
     return web.json_response({"data": data})
 

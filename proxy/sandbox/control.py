@@ -1,7 +1,8 @@
-"""The sandbox's test controls under /_sandbox/: knobs, revocation and stats (JSON, no auth).
+"""The sandbox's test controls under /_sandbox/: knobs, revocation, grants and stats (JSON).
 
 Owns only the translation between HTTP and SandboxState; tests in other processes use
-these. Must not be mounted anywhere but the sandbox.
+these. No authentication, and never a token in an answer. Must not be mounted anywhere
+but the sandbox.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ def add_control_routes(app: web.Application) -> None:
     app.router.add_get("/_sandbox/knobs", get_knobs)
     app.router.add_post("/_sandbox/knobs", set_knobs)
     app.router.add_post("/_sandbox/revoke", revoke)
+    app.router.add_get("/_sandbox/grants", grants)
     app.router.add_get("/_sandbox/stats", stats)
     app.router.add_post("/_sandbox/reset-stats", reset_stats)
 
@@ -42,8 +44,24 @@ async def set_knobs(request: web.Request) -> web.Response:
 
 
 async def revoke(request: web.Request) -> web.Response:
-    revoked = request.app[STATE_KEY].revoke_all()
+    """No body or `{}`: every grant; `{"subject": "urn:..."}`: only that company's."""
+    raw = await request.read()
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    if not isinstance(body, dict) or set(body) - {"subject"}:
+        return _bad_request('the body must be empty, {} or {"subject": "urn:..."}')
+    subject = body.get("subject")
+    # {"subject": null} is refused: a missing subject must not quietly revoke everything.
+    if "subject" in body and (not isinstance(subject, str) or not subject):
+        return _bad_request("subject: must be a non-empty string")
+    revoked = request.app[STATE_KEY].revoke_grants(subject=subject)
     return web.json_response({"revoked_grants": revoked})
+
+
+async def grants(request: web.Request) -> web.Response:
+    return web.json_response({"grants": request.app[STATE_KEY].grants_json()}, dumps=_dumps)
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -53,6 +71,10 @@ async def stats(request: web.Request) -> web.Response:
 async def reset_stats(request: web.Request) -> web.Response:
     request.app[STATE_KEY].reset_stats()
     return web.json_response({"reset": True})
+
+
+def _bad_request(message: str) -> web.Response:
+    return web.json_response({"error": message}, status=400)
 
 
 def _dumps(value: object) -> str:

@@ -16,6 +16,7 @@ import math
 import re
 import secrets
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,8 @@ class Knobs:
     token_failure_mode: str = DEFAULT_FAILURE_MODE
     api_401_once: bool = False
     latency: float = 0.0
+    # Each new grant its own company (subject and name) instead of the settings' one.
+    distinct_companies: bool = False
 
 
 @dataclass
@@ -81,16 +84,19 @@ class Stats:
 
 @dataclass
 class Grant:
-    """One consent: its scopes, subject, and the only access/refresh tokens now alive."""
+    """One consent: its scopes, company, and the only access/refresh tokens now alive."""
 
     id: str
     client_id: str
     scopes: tuple[str, ...]
     subject: str
+    company_name: str
     access_token: str = ""
     access_expires_at: float = 0.0
     refresh_token: str = ""
     revoked: bool = False
+    refreshes: int = 0  # successful refresh grants
+    reuse_detected: int = 0  # spent refresh tokens that came back
 
 
 @dataclass(frozen=True)
@@ -219,19 +225,28 @@ class SandboxState:
             # A spent refresh token came back: someone holds a copy. Pleo's replay rule
             # invalidates every token of the authorisation.
             self.stats.reuse_detected += 1
+            grant.reuse_detected += 1
             self.revoke_grant(grant.id)
             raise TokenError("invalid_grant", "refresh token already used; grant revoked")
         if grant.revoked:
             raise TokenError("invalid_grant", "grant revoked")
         self.stats.refresh_grants += 1
+        grant.refreshes += 1
         return self._rotate(grant)
 
     def _new_grant(self, request: AuthRequest) -> Grant:
+        if self.knobs.distinct_companies:
+            # n is the grant's place among all grants, so names never repeat.
+            company_id = str(uuid.uuid4())
+            company_name = f"Sandbox Company {len(self._grants) + 1}"
+        else:
+            company_id, company_name = self.settings.company_id, self.settings.company_name
         grant = Grant(
             id="grant_" + secrets.token_hex(8),
             client_id=request.client_id,
             scopes=request.scopes,
-            subject=f"urn:pleo:company:{self.settings.company_id}",
+            subject=f"urn:pleo:company:{company_id}",
+            company_name=company_name,
         )
         self._grants[grant.id] = grant
         return grant
@@ -270,12 +285,31 @@ class SandboxState:
         grant.revoked = True
         self._access.pop(grant.access_token, None)
 
-    def revoke_all(self) -> int:
-        """Revoke every live grant (the user disconnected the app); returns how many."""
-        live = [g.id for g in self._grants.values() if not g.revoked]
+    def revoke_grants(self, *, subject: str | None = None) -> int:
+        """Revoke every live grant (the user disconnected the app), or only those of one
+        subject (one company disconnected); returns how many."""
+        live = [
+            g.id
+            for g in self._grants.values()
+            if not g.revoked and (subject is None or g.subject == subject)
+        ]
         for grant_id in live:
             self.revoke_grant(grant_id)
         return len(live)
+
+    def grants_json(self) -> list[dict[str, Any]]:
+        """Every grant ever made, oldest first, without its tokens."""
+        return [
+            {
+                "id": g.id,
+                "subject": g.subject,
+                "company_name": g.company_name,
+                "revoked": g.revoked,
+                "refreshes": g.refreshes,
+                "reuse_detected": g.reuse_detected,
+            }
+            for g in self._grants.values()
+        ]
 
     # -- knobs and stats ------------------------------------------------------------
 
@@ -347,6 +381,7 @@ _KNOB_CHECKS: dict[str, Callable[[object], bool]] = {
     "token_failures": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
     "token_failure_mode": lambda v: v in FAILURE_MODES,
     "api_401_once": lambda v: isinstance(v, bool),
+    "distinct_companies": lambda v: isinstance(v, bool),
     "auto_approve": lambda v: isinstance(v, bool),
     "latency": lambda v: _is_number(v) and float(v) >= 0,  # type: ignore[arg-type]
     "access_ttl": lambda v: _is_number(v) and float(v) > 0,  # type: ignore[arg-type]
