@@ -9,6 +9,11 @@
     │   ├── ClientRejected          invalid_client / unauthorized_client (503, tokens kept)
     │   └── TransientOAuthError     network, timeout, 5xx, 429: worth retrying later
     ├── ClientBodyTimeout           the client stopped sending its request body (408)
+    ├── SelectionError              which connection a request means is unclear
+    │   ├── UnknownConnection       no connection of that name (404)
+    │   ├── ConnectionRequired      several connections and no `default`: name one (400)
+    │   ├── InvalidConnectionName   not `^[a-z0-9][a-z0-9._-]{0,62}$` (400)
+    │   └── ConnectionMismatch      the header, prefix and port name different ones (400)
     └── UpstreamError               the Pleo API could not be reached
         ├── UpstreamUnreachable     connect failed or connection reset (502)
         └── UpstreamTimeout         no byte within the read timeout (504)
@@ -104,6 +109,31 @@ class TransientOAuthError(OAuthError):
 class ClientBodyTimeout(ProxyError):
     code = "request_timeout"
     status = 408
+
+
+class SelectionError(ProxyError):
+    code = "connection_selection_error"
+    status = 400
+
+
+class UnknownConnection(SelectionError):
+    code = "unknown_connection"
+    status = 404
+
+
+class ConnectionRequired(SelectionError):
+    code = "connection_required"
+    status = 400
+
+
+class InvalidConnectionName(SelectionError):
+    code = "invalid_connection_name"
+    status = 400
+
+
+class ConnectionMismatch(SelectionError):
+    code = "connection_mismatch"
+    status = 400
 
 
 class UpstreamError(ProxyError):

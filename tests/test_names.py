@@ -23,7 +23,7 @@ def test_invalid_names(name: str) -> None:
 
 
 def test_a_long_or_odd_name_is_not_echoed() -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match="invalid connection name") as info:
         check_name("x" * 500)
     assert "x" * 100 not in str(info.value)
     with pytest.raises(ValueError, match="must be a string"):

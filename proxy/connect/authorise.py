@@ -1,54 +1,52 @@
-"""The one-time authorise page and the OAuth callback: `/_proxy/authorize`, `/_proxy/callback`.
+"""Connecting a customer: setup codes, connect links, sign-in flows and their completion.
 
-Owns the setup code (and the `authorize-url` file that carries it), the pending flows
-(state, PKCE verifier, browser-binding cookie, expiry) and the hand-over of a fresh
-`TokenSet` to `tokens.install`. Must not forward API traffic, write the token store,
-or let an authorisation code, state, verifier or token reach a log line or a page.
+Owns, per connection, the setup code a configured connection makes for itself (and the
+`authorize-url` file that carries it), the check of connect links stored by `pleo-proxy
+connect` or the admin API, the pending flows, and the hand-over of a fresh `TokenSet` to
+the registry. One callback serves every connection: the state names it. Must not forward
+API traffic, write the token store itself, or let a code, state, verifier or token reach
+a log line or a page.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import os
-import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import suppress
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 from yarl import URL
 
 from proxy.config import Config
-from proxy.connect import pages, pkce
-from proxy.connect.pages import (
-    AUTHORISER_KEY,
-    FlowStart,
-    authorise_routes,
-    flow_cookie_name,
+from proxy.connect import flows as flow_rules, pages, pkce
+from proxy.connect.flows import (
+    FLOW_LIFETIME,
+    MAX_PENDING_FLOWS as MAX_PENDING_FLOWS,
+    Flow,
+    PendingFlows,
 )
-from proxy.errors import (
-    ClientRejected,
-    OAuthError,
-    ProxyError,
-    TransientOAuthError,
+from proxy.connect.pages import AUTHORISER_KEY, FlowStart, authorise_routes, flow_cookie_name
+from proxy.connect.urlfile import (
+    read_authorize_url as read_authorize_url,
+    remove_file,
+    url_file,
+    write_private_file,
 )
-from proxy.http.keys import CLOCK_KEY, CONFIG_KEY, TOKENS_KEY, UPSTREAM_SESSION_KEY
+from proxy.errors import ClientRejected, OAuthError, ProxyError, TransientOAuthError
+from proxy.http.keys import CLOCK_KEY, CONFIG_KEY, REGISTRY_KEY, UPSTREAM_SESSION_KEY
 from proxy.lifecycle import oauth
 from proxy.lifecycle.manager import TokenManager, TokenState
+from proxy.lifecycle.registry import Registry, code_hash
+from proxy.names import DEFAULT_CONNECTION
 from proxy.secret import Secret
-from proxy.tokenset import TokenSet
-from proxy.urls import (
-    authorise_page_url,
-    callback_reaches_proxy,
-    origin_of,
-    proxy_origin,
-)
+from proxy.tokenset import Link, TokenSet
+from proxy.urls import authorise_page_url, callback_reaches_proxy, origin_of, proxy_origin
 
 __all__ = [
     "AUTHORISER_KEY",
+    "MAX_PENDING_FLOWS",
     "Authoriser",
     "authorise_routes",
     "authoriser_ctx",
@@ -57,201 +55,164 @@ __all__ = [
 
 logger = logging.getLogger("proxy.authorise")
 
-URL_FILE_NAME = "authorize-url"
-FLOW_LIFETIME = 600.0  # seconds a started sign-in may take at Pleo
-MAX_PENDING_FLOWS = 16  # a few double clicks; bounded so a loop cannot grow memory
 CONNECTED_STATES = frozenset({TokenState.AUTHORISED, TokenState.REFRESHING})
 
 
 @dataclass(frozen=True)
-class Flow:
-    """One started sign-in, kept server-side and keyed by its `state`."""
+class Completion:
+    """A finished sign-in: whose, which company, and where the browser goes next."""
 
-    verifier: Secret
-    binding: Secret  # the value of the browser's cookie for this flow
-    expires_at: float
-
-
-def url_file(config: Config) -> Path:
-    return config.tokens.state_dir / URL_FILE_NAME
-
-
-def read_authorize_url(config: Config) -> str | None:
-    """The current setup URL as written by a running proxy, or None (none is needed)."""
-    try:
-        text = url_file(config).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return None
-    return text or None
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_private_file(path: Path, text: str) -> None:
-    """Atomically replace `path` with `text`, mode 0600: temp file, fsync, rename, fsync dir."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # created 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def remove_file(path: Path) -> None:
-    path.unlink(missing_ok=True)
-    with suppress(FileNotFoundError):
-        _fsync_dir(path.parent)
-
-
-class PendingFlows:
-    """Started sign-ins by state: single use, expiring, at most MAX_PENDING_FLOWS."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._flows: dict[str, Flow] = {}
-
-    def add(self, state: str, flow: Flow) -> None:
-        self._prune()
-        while len(self._flows) >= MAX_PENDING_FLOWS:
-            # dicts keep insertion order: the oldest flow makes room.
-            del self._flows[next(iter(self._flows))]
-        self._flows[state] = flow
-
-    def peek(self, state: str) -> Flow | None:
-        """The live flow for `state` (without using it up)."""
-        self._prune()
-        return self._flows.get(state)
-
-    def discard(self, state: str) -> None:
-        self._flows.pop(state, None)
-
-    def clear(self) -> None:
-        self._flows.clear()
-
-    def _prune(self) -> None:
-        now = self._clock()
-        for state in [s for s, f in self._flows.items() if f.expires_at <= now]:
-            del self._flows[state]
+    connection: str
+    company: str | None
+    return_to: str | None
 
 
 class Authoriser:
-    """The setup code, the pending flows, and the completion of a sign-in."""
+    """Setup codes, connect links and sign-ins of every connection."""
 
     def __init__(
         self,
         config: Config,
-        tokens: TokenManager,
+        registry: Registry,
         session: aiohttp.ClientSession,
         *,
         clock: Callable[[], float],
     ) -> None:
         self._config = config
-        self._tokens = tokens
+        self._registry = registry
         self._session = session
         self._clock = clock
-        self._flows = PendingFlows(clock)
-        self._setup_code: str | None = None
-        self._last_state: TokenState | None = None
+        self._flows: dict[str, PendingFlows] = {}
+        self._codes: dict[str, str] = {}  # setup codes configured connections made
+        self._last_state: dict[str, TokenState] = {}
         self.form_origin = origin_of(config.pleo.authorize_url)
 
-    # -- the setup code -------------------------------------------------------------
+    # -- addresses -------------------------------------------------------------------
 
-    def page_url(self) -> str:
-        """The authorise page URL without the setup code (safe to show any client)."""
-        return authorise_page_url(self._config)
+    def page_url(self, connection: str = DEFAULT_CONNECTION) -> str:
+        """The authorise page URL without a code (safe to show any client)."""
+        return authorise_page_url(self._config, connection)
 
-    def setup_url(self) -> str | None:
-        """The page URL with the current setup code; None while connected."""
-        if self._setup_code is None:
-            return None
-        return str(URL(self.page_url()).with_query(setup=self._setup_code))
+    def url_with_code(self, connection: str, code: str) -> str:
+        return str(URL(self.page_url(connection)).update_query(setup=code))
 
-    def proxy_url(self) -> str:
-        """Where applications send their requests (shown on the success page)."""
-        return proxy_origin(self._config)
+    def setup_url(self, connection: str = DEFAULT_CONNECTION) -> str | None:
+        """The page URL with the connection's own setup code; None while it needs none."""
+        code = self._codes.get(connection)
+        return None if code is None else self.url_with_code(connection, code)
+
+    def proxy_url(self, connection: str = DEFAULT_CONNECTION) -> str:
+        """Where applications send this connection's requests (shown on the success page)."""
+        base = proxy_origin(self._config)
+        return base if connection == DEFAULT_CONNECTION else f"{base}/c/{connection}"
 
     @property
     def cookie_secure(self) -> bool:
         return URL(self._config.pleo.redirect_uri).scheme == "https"
 
-    @property
-    def connected(self) -> bool:
-        return self._tokens.state in CONNECTED_STATES
+    def connected(self, connection: str) -> bool:
+        manager = self._registry.get(connection)
+        return manager is not None and manager.state in CONNECTED_STATES
 
-    def on_state(self, state: TokenState) -> None:
-        """TokenManager listener: a new setup code on entering a state that needs consent.
+    # -- setup codes of configured connections --------------------------------------
+
+    def watch(self, manager: TokenManager, configured: bool) -> None:
+        """Registry hook: configured connections make their own setup codes, as always;
+        the others are connected through links made on request (admin API, `connect`)."""
+        if configured:
+            name = manager.name
+            manager.subscribe(lambda state: self.on_state(name, state))
+
+    def on_state(self, connection: str, state: TokenState) -> None:
+        """A new setup code on entering a state that needs consent.
 
         Called synchronously by the manager, so the URL file is written synchronously too:
         a few bytes, once per state change, and done before anyone can ask for the URL.
         """
-        previous, self._last_state = self._last_state, state
+        previous = self._last_state.get(connection)
+        self._last_state[connection] = state
         if state in CONNECTED_STATES:
-            self._invalidate()
+            self._invalidate(connection)
         elif state != previous:
-            self._new_setup_code()
+            self._new_setup_code(connection)
 
-    def check_setup(self, given: str | None) -> None:
-        """Raise Refused unless the page may be used with `given` as setup code."""
-        if self.connected:
+    def _new_setup_code(self, connection: str) -> None:
+        self._flows_of(connection).clear()
+        self._codes[connection] = pkce.new_setup_code()
+        url = self.setup_url(connection)
+        # The one URL allowed in a log: it is how the operator gets in. Logged once per code.
+        if connection == DEFAULT_CONNECTION:
+            logger.warning("Pleo is not connected; open %s to authorise this proxy", url)
+        else:
+            logger.warning(
+                "connection %s is not connected; open %s to authorise it", connection, url
+            )
+        path = url_file(self._config, connection)
+        try:
+            write_private_file(path, f"{url}\n")
+        except OSError as exc:
+            logger.error("could not write %s: %s", path, exc.strerror)
+
+    def _invalidate(self, connection: str) -> None:
+        self._flows_of(connection).clear()
+        if self._codes.pop(connection, None) is None:
+            return
+        path = url_file(self._config, connection)
+        try:
+            remove_file(path)
+        except OSError as exc:
+            logger.error("could not remove %s: %s", path, exc.strerror)
+
+    # -- checking a code -------------------------------------------------------------
+
+    async def check_setup(self, connection: str, given: str | None) -> Link | None:
+        """Raise Refused unless the page may be used with `given`; the link it matched."""
+        manager = await self._registry.find(connection)
+        if manager is None:
+            raise pages.Refused(pages.UNKNOWN_CONNECTION)
+        if manager.state in CONNECTED_STATES:
             raise pages.Refused(pages.ALREADY_CONNECTED)
-        current = self._setup_code
-        if current is None or given is None:
+        if given is None:
             raise pages.Refused(pages.NOT_ALLOWED)
-        if not hmac.compare_digest(given.encode(), current.encode()):
+        own = self._codes.get(connection)
+        if own is not None and hmac.compare_digest(given.encode(), own.encode()):
+            return None
+        # A link made by another process since we last looked: read the store now.
+        link = await manager.stored_link()
+        if link is None or not hmac.compare_digest(code_hash(given), link.code_hash):
             raise pages.Refused(pages.NOT_ALLOWED)
+        if link.expires_at <= self._clock():
+            raise pages.Refused(pages.LINK_EXPIRED)
+        return link
 
-    def view(self) -> pages.AuthoriseView:
+    def view(self, connection: str, code: str) -> pages.AuthoriseView:
         pleo = self._config.pleo
         return pages.AuthoriseView(
             environment=pleo.environment,
             client_id=pleo.client_id or "(not configured)",
             scopes=pleo.scopes,
             redirect_uri=pleo.redirect_uri,
-            setup_code=self._setup_code or "",
+            setup_code=code,
+            connection="" if connection == DEFAULT_CONNECTION else connection,
             offer_paste=not callback_reaches_proxy(self._config),
         )
 
-    def _new_setup_code(self) -> None:
-        self._flows.clear()
-        self._setup_code = pkce.new_setup_code()
-        url = self.setup_url()
-        # The one URL allowed in a log: it is how the operator gets in. Logged once per code.
-        logger.warning("Pleo is not connected; open %s to authorise this proxy", url)
-        try:
-            write_private_file(url_file(self._config), f"{url}\n")
-        except OSError as exc:
-            logger.error("could not write %s: %s", url_file(self._config), exc.strerror)
+    # -- the flow --------------------------------------------------------------------
 
-    def _invalidate(self) -> None:
-        self._flows.clear()
-        if self._setup_code is None:
-            return
-        self._setup_code = None
-        try:
-            remove_file(url_file(self._config))
-        except OSError as exc:
-            logger.error("could not remove %s: %s", url_file(self._config), exc.strerror)
+    def _flows_of(self, connection: str) -> PendingFlows:
+        flows = self._flows.get(connection)
+        if flows is None:
+            flows = self._flows[connection] = PendingFlows(self._clock)
+        return flows
 
-    # -- the flow ---------------------------------------------------------------------
-
-    def start_flow(self) -> FlowStart:
+    def start_flow(self, connection: str, link: Link | None) -> FlowStart:
         """Create a pending flow and the redirect to Pleo's authorise endpoint."""
-        state, verifier, binding = pkce.new_state(), pkce.new_verifier(), pkce.new_state()
+        state = flow_rules.new_state(connection)
+        verifier, binding = pkce.new_verifier(), pkce.new_state()
         expires_at = self._clock() + FLOW_LIFETIME
-        self._flows.add(state, Flow(Secret(verifier), Secret(binding), expires_at))
+        return_to = link.return_to if link is not None else None
+        flow = Flow(connection, Secret(verifier), Secret(binding), expires_at, return_to)
+        self._flows_of(connection).add(state, flow)
         location = oauth.build_authorize_url(
             self._config.pleo, state=state, code_challenge=pkce.challenge_s256(verifier)
         )
@@ -261,19 +222,30 @@ class Authoriser:
         """The flow `state` names, used up; only if this browser holds its cookie."""
         if not state:
             raise pages.Refused(pages.MISSING_STATE)
-        flow = self._flows.peek(state)
-        if flow is None:
+        connection = flow_rules.connection_of(state)
+        flows = self._flows.get(connection) if connection is not None else None
+        flow = flows.peek(state) if flows is not None else None
+        if flows is None or flow is None:
             raise pages.Refused(pages.UNKNOWN_STATE)
         cookie = cookies.get(flow_cookie_name(state), "")
         # Checked before the flow is used up: a request without the cookie cannot burn it.
         if not hmac.compare_digest(cookie.encode(), flow.binding.reveal().encode()):
             raise pages.Refused(pages.NO_COOKIE)
-        self._flows.discard(state)
+        flows.discard(state)
         return flow
 
-    async def complete(self, query: Mapping[str, str], cookies: Mapping[str, str]) -> str | None:
-        """Finish a sign-in from Pleo's answer; the company name on success. Raises Refused."""
+    async def complete(self, query: Mapping[str, str], cookies: Mapping[str, str]) -> Completion:
+        """Finish a sign-in from Pleo's answer. Raises Refused."""
         flow = self.take_flow(query.get("state"), cookies)
+        try:
+            company = await self._finish(flow, query)
+        except pages.Refused as refused:
+            refused.connection, refused.return_to = flow.connection, flow.return_to
+            raise
+        self._invalidate(flow.connection)
+        return Completion(flow.connection, company, flow.return_to)
+
+    async def _finish(self, flow: Flow, query: Mapping[str, str]) -> str | None:
         error = query.get("error")
         if error is not None:
             raise pages.authorization_error(error)
@@ -283,11 +255,12 @@ class Authoriser:
         tokens = await self._exchange(Secret(code), flow)
         subject, company = await self._identify(tokens)
         try:
-            await self._tokens.install(tokens, subject=subject, company_name=company)
+            await self._registry.install(
+                flow.connection, tokens, subject=subject, company_name=company
+            )
         except ProxyError as exc:
             logger.error("could not install the new tokens: %s", exc.code)
             raise pages.Refused(pages.SAVE_FAILED, retry=True) from None
-        self._invalidate()
         return company
 
     async def _exchange(self, code: Secret, flow: Flow) -> TokenSet:
@@ -322,19 +295,21 @@ class Authoriser:
             return None, None
         return subject.subject_urn, subject.company_name
 
-    def retry_url(self) -> str | None:
-        return None if self.connected else self.setup_url()
+    def retry_url(self, connection: str | None) -> str | None:
+        name = connection or DEFAULT_CONNECTION
+        return None if self.connected(name) else self.setup_url(name)
 
 
 async def authoriser_ctx(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: build the Authoriser and subscribe it to the token manager.
+    """cleanup_ctx: build the Authoriser and let it watch the registry's connections.
 
-    Register it after the token manager's context, so that the first state it sees is the
-    one loaded from the store (no setup URL is made for a proxy that is already connected).
+    Register it after the registry's context, so that the first state it sees is the one
+    loaded from the store (no setup URL is made for a connection that is already connected).
     """
+    registry = app[REGISTRY_KEY]
     authoriser = Authoriser(
-        app[CONFIG_KEY], app[TOKENS_KEY], app[UPSTREAM_SESSION_KEY], clock=app[CLOCK_KEY]
+        app[CONFIG_KEY], registry, app[UPSTREAM_SESSION_KEY], clock=app[CLOCK_KEY]
     )
     app[AUTHORISER_KEY] = authoriser
-    app[TOKENS_KEY].subscribe(authoriser.on_state)
+    registry.on_added(authoriser.watch)
     yield

@@ -21,6 +21,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.config import CALLBACK_PATH
+from proxy.names import DEFAULT_CONNECTION, is_valid_name
 from proxy.urls import AUTHORIZE_PATH
 
 if TYPE_CHECKING:
@@ -82,6 +83,21 @@ ALREADY_CONNECTED = Message(
     "This proxy is already connected to Pleo, so this page is closed. To reconnect (for"
     " example to another company), run `pleo-proxy logout` on the proxy's machine; a new"
     " address will be printed.",
+)
+UNKNOWN_CONNECTION = Message(
+    404,
+    "unknown_connection",
+    "No such connection",
+    "This proxy has no connection of that name, so there is nothing to connect. Ask"
+    " whoever sent the link for a new one.",
+)
+LINK_EXPIRED = Message(
+    410,
+    "link_expired",
+    "This connect link has expired",
+    "Connect links work for a limited time, and this one is past it. Nothing was changed."
+    " Ask whoever sent it for a new link (they can make one with `pleo-proxy connect` or"
+    " the proxy's admin API).",
 )
 MISSING_STATE = Message(
     400,
@@ -169,6 +185,13 @@ class Refused(Exception):
         self.message = message
         self.retry = retry  # the browser proved it started this flow: offer a way back
         self.detail = detail
+        self.connection: str | None = None  # set once the flow is known
+        self.return_to: str | None = None  # the connect link's: the browser goes back there
+
+    @property
+    def result(self) -> str:
+        """What `return_to` is told: the customer said no, or something went wrong."""
+        return "denied" if self.message is DENIED else "error"
 
 
 def authorization_error(error: str) -> Refused:
@@ -249,6 +272,7 @@ class AuthoriseView:
     scopes: tuple[str, ...]
     redirect_uri: str
     setup_code: str
+    connection: str  # empty for the default connection
     offer_paste: bool
 
 
@@ -262,6 +286,7 @@ def authorise_page(view: AuthoriseView, *, form_origin: str) -> web.Response:
         scopes=" ".join(view.scopes) or "(none configured)",
         redirect_uri=view.redirect_uri,
         setup=view.setup_code,
+        connection=view.connection,
         paste=paste,
     )
     return page("Connect to Pleo", content, status=200, name="authorise", form_origin=form_origin)
@@ -274,21 +299,43 @@ def connected_page(company: str | None, *, proxy_url: str, form_origin: str) -> 
 
 
 def _refusal_page(authoriser: Authoriser, refused: Refused) -> web.Response:
+    if refused.return_to is not None and refused.connection is not None:
+        return return_to_redirect(refused.return_to, refused.connection, refused.result)
     return message_page(
         refused.message,
         form_origin=authoriser.form_origin,
-        retry_url=authoriser.retry_url() if refused.retry else None,
+        retry_url=authoriser.retry_url(refused.connection) if refused.retry else None,
         detail=refused.detail,
     )
 
 
+def return_to_redirect(return_to: str, connection: str, result: str) -> web.Response:
+    """303 to the partner's page with `?connection=NAME&result=connected|denied|error`."""
+    location = URL(return_to).update_query(connection=connection, result=result)
+    return web.Response(
+        status=303, headers={"Location": str(location), "Cache-Control": "no-store"}
+    )
+
+
+def _connection_of(value: object) -> str:
+    """The connection a page request names (`connection=`); the default when absent."""
+    if value is None or value == "":
+        return DEFAULT_CONNECTION
+    if not isinstance(value, str) or not is_valid_name(value):
+        raise Refused(UNKNOWN_CONNECTION)
+    return value
+
+
 async def get_authorize(request: web.Request) -> web.Response:
     authoriser = request.app[AUTHORISER_KEY]
+    given = request.query.get("setup")
     try:
-        authoriser.check_setup(request.query.get("setup"))
+        connection = _connection_of(request.query.get("connection"))
+        await authoriser.check_setup(connection, given)
     except Refused as refused:
         return _refusal_page(authoriser, refused)
-    return authorise_page(authoriser.view(), form_origin=authoriser.form_origin)
+    assert given is not None  # noqa: S101 - check_setup refused otherwise
+    return authorise_page(authoriser.view(connection, given), form_origin=authoriser.form_origin)
 
 
 async def post_authorize(request: web.Request) -> web.Response:
@@ -296,10 +343,11 @@ async def post_authorize(request: web.Request) -> web.Response:
     form = await request.post()
     setup = form.get("setup")
     try:
-        authoriser.check_setup(setup if isinstance(setup, str) else None)
+        connection = _connection_of(form.get("connection") or request.query.get("connection"))
+        link = await authoriser.check_setup(connection, setup if isinstance(setup, str) else None)
     except Refused as refused:
         return _refusal_page(authoriser, refused)
-    start = authoriser.start_flow()
+    start = authoriser.start_flow(connection, link)
     headers = security_headers(authoriser.form_origin) | {"Location": start.location}
     response = web.Response(status=302, headers=headers)
     response.set_cookie(
@@ -317,14 +365,17 @@ async def post_authorize(request: web.Request) -> web.Response:
 async def _finish(request: web.Request, query: Mapping[str, str]) -> web.Response:
     authoriser = request.app[AUTHORISER_KEY]
     try:
-        company = await authoriser.complete(query, request.cookies)
+        done = await authoriser.complete(query, request.cookies)
     except Refused as refused:
         return _refusal_page(authoriser, refused)
-    response = connected_page(
-        company,
-        proxy_url=authoriser.proxy_url(),
-        form_origin=authoriser.form_origin,
-    )
+    if done.return_to is not None:
+        response = return_to_redirect(done.return_to, done.connection, "connected")
+    else:
+        response = connected_page(
+            done.company,
+            proxy_url=authoriser.proxy_url(done.connection),
+            form_origin=authoriser.form_origin,
+        )
     state = query.get("state") or ""
     response.del_cookie(flow_cookie_name(state), path=COOKIE_PATH)
     return response

@@ -24,7 +24,8 @@ from yarl import URL
 from proxy.config import Config
 from proxy.errors import ClientBodyTimeout, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from proxy.http.access_log import REQUEST_ID_HEADER, add_upstream_time, request_id
-from proxy.http.keys import CREDENTIALS_KEY, UPSTREAM_SESSION_KEY
+from proxy.http.keys import UPSTREAM_SESSION_KEY
+from proxy.http.select import credentials_for
 from proxy.lifecycle.credentials import CredentialSource
 from proxy.ops.metrics import metrics_of
 from proxy.ops.reload import current_config
@@ -50,8 +51,9 @@ HOP_BY_HOP_HEADERS = frozenset(
     }
 )
 # Request headers we set ourselves: Host from the upstream URL, Authorization from the
-# credential source; Expect is answered by us (see `defer_continue`).
-REPLACED_REQUEST_HEADERS = frozenset({"host", "authorization", "expect"})
+# credential source; Expect is answered by us (see `defer_continue`); the connection
+# selector is ours alone.
+REPLACED_REQUEST_HEADERS = frozenset({"host", "authorization", "expect", "x-pleo-connection"})
 
 
 @dataclass(frozen=True)
@@ -235,14 +237,14 @@ async def read_body(request: web.Request, limit: int, *, stall_after: float) -> 
     return Body(stream=_relay_stream(prefix, request.content, stall_after))
 
 
-def _outbound(request: web.Request, config: Config, body: Body) -> Outbound:
+def _outbound(request: web.Request, config: Config, body: Body, raw_path: str) -> Outbound:
     headers = strip_hop_by_hop(request.raw_headers, drop=REPLACED_REQUEST_HEADERS)
     # Pleo sees the id our log line carries: the client's when sane, else ours.
     headers[REQUEST_ID_HEADER] = request_id(request)
     if body.replayable:
         # A kept body is sent with its exact length (also when it came chunked).
         headers.popall("Content-Length", None)
-    url = upstream_url(config.pleo.api_url, request.raw_path)
+    url = upstream_url(config.pleo.api_url, raw_path)
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=config.timeouts.connect, sock_read=config.timeouts.read
     )
@@ -344,12 +346,13 @@ async def forward(request: web.Request) -> web.StreamResponse:
     """The catch-all handler: relay the request to the Pleo API with the credential added."""
     config = current_config(request.app)
     session = request.config_dict[UPSTREAM_SESSION_KEY]
-    credentials = request.config_dict[CREDENTIALS_KEY]
+    # Before the body is read: a request for no known connection is refused unread.
+    credentials, raw_path = await credentials_for(request)
     try:
         body = await read_body(
             request, config.refresh.replay_body_limit, stall_after=config.timeouts.read
         )
-        outbound = _outbound(request, config, body)
+        outbound = _outbound(request, config, body, raw_path)
         upstream, extra = await _exchange(session, credentials, outbound, _Observer(request))
     except ClientBodyTimeout as err:
         # The unread rest of the body makes the connection unusable: answer and close

@@ -10,9 +10,13 @@ from aiohttp import web
 from proxy.config import Config
 from proxy.lifecycle.credentials import CredentialSource
 from proxy.lifecycle.manager import TokenManager
+from proxy.lifecycle.registry import Registry
 
 CONFIG_KEY = web.AppKey("config", Config)
 CLOCK_KEY: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 UPSTREAM_SESSION_KEY = web.AppKey("upstream_session", aiohttp.ClientSession)
 CREDENTIALS_KEY = web.AppKey("credentials", CredentialSource)
-TOKENS_KEY = web.AppKey("tokens", TokenManager)  # absent in API-key mode
+TOKENS_KEY = web.AppKey("tokens", TokenManager)  # the default connection, when there is one
+REGISTRY_KEY = web.AppKey("registry", Registry)  # absent in API-key mode
+# Set on a connection's own listener: every request there is for that connection.
+FIXED_CONNECTION_KEY = web.AppKey("fixed_connection", str)

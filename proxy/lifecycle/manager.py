@@ -352,7 +352,12 @@ class TokenManager:
     # -- installing and removing ---------------------------------------------------
 
     async def install(
-        self, tokens: TokenSet, *, subject: str | None = None, company_name: str | None = None
+        self,
+        tokens: TokenSet,
+        *,
+        subject: str | None = None,
+        company_name: str | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         """Persist freshly granted tokens (after the authorise callback) and become authorised."""
         self._require_started()
@@ -364,6 +369,7 @@ class TokenManager:
                 company_name=company_name,
                 obtained_at=self._clock(),
                 generation=(previous.generation + 1) if previous else 1,
+                extra=dict(extra or {}),
             )
             await self._store.save(state)
         self._client_rejected = None
@@ -398,7 +404,17 @@ class TokenManager:
         """Delete the entry under this connection's lock (no refresh is half done then)."""
         async with self._store.lock(self._config.timeouts.token_request + 10):
             await self._store.delete()
-        self._stored = None
+        self._adopt(None)
+
+    async def reload(self) -> None:
+        """Take whatever the store holds now, an empty or ended entry included."""
+        self._last_reread = self._clock()
+        self._adopt(await self._store.load())
+
+    async def stored_link(self) -> Link | None:
+        """The connect link as the store holds it now (another process may have made it)."""
+        stored = await self._store.load()
+        return stored.link if stored is not None else None
 
     # -- background refresh ------------------------------------------------------
 

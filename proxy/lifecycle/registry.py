@@ -1,0 +1,325 @@
+"""The connections of one process: which exist, their token managers, and finding new ones.
+
+Configured connections always exist; any other exists while the store holds an entry
+for it (made by `pleo-proxy connect`, the admin API, an import, or another instance).
+Lookups by name are O(1) in memory. A name not in memory is looked up in the store at
+most once a second, and a poll of the store's change marker (one stat or GET a second)
+brings in connections created, authorised or deleted elsewhere within a second.
+Must not speak HTTP or render pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from proxy.config import Config
+from proxy.errors import StoreError, UnknownConnection
+from proxy.lifecycle.manager import TokenManager
+from proxy.lifecycle.rules import TokenEvents, TokenState
+from proxy.names import DEFAULT_CONNECTION
+from proxy.store import ConnectionStores
+from proxy.tokenset import Link, TokenSet
+
+log = logging.getLogger("proxy.connections")
+
+WATCH_INTERVAL = 1.0  # how often the store's change marker is read
+MISS_INTERVAL = 1.0  # an unknown name is looked up in the store at most this often
+MAX_MISSES = 10_000  # remembered unknown names; bounded so random names cannot grow memory
+LINK_CODE_BYTES = 32
+
+StateHook = Callable[[str, TokenState, TokenState, str | None], None]
+AddedHook = Callable[[TokenManager, bool], None]
+
+
+class ConnectionEvents(TokenEvents):
+    """One connection's events: counted process-wide, state changes named for the sink."""
+
+    def __init__(self, name: str, counters: TokenEvents, on_state: StateHook | None) -> None:
+        self._name = name
+        self._counters = counters
+        self._on_state = on_state
+
+    def refreshed(self, outcome: str) -> None:
+        self._counters.refreshed(outcome)
+
+    def lock_waited(self, seconds: float) -> None:
+        self._counters.lock_waited(seconds)
+
+    def state_changed(self, previous: TokenState, state: TokenState, reason: str | None) -> None:
+        if self._on_state is not None:
+            self._on_state(self._name, previous, state, reason)
+
+
+@dataclass(frozen=True)
+class IssuedLink:
+    """A new connect link: the code is shown once, to whoever asked for it."""
+
+    connection: str
+    code: str
+    expires_at: float
+    created: bool  # the connection did not exist before
+
+
+def _log_event(message: str, event: str, name: str) -> None:
+    log.info(message, extra={"fields": {"event": event, "connection": name}})
+
+
+def code_hash(code: str) -> str:
+    """What the store keeps of a link code (the code itself is never stored)."""
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
+class Registry:
+    """Every connection this process serves, by name."""
+
+    def __init__(
+        self,
+        config: Config,
+        stores: ConnectionStores,
+        session: aiohttp.ClientSession,
+        *,
+        clock: Callable[[], float] = time.time,
+        counters: TokenEvents | None = None,
+        on_state: StateHook | None = None,
+    ) -> None:
+        self._config = config
+        self._stores = stores
+        self._session = session
+        self._clock = clock
+        self._counters = counters if counters is not None else TokenEvents()
+        self._on_state = on_state
+        self._limiter = asyncio.Semaphore(config.refresh.max_concurrent)
+        self.configured = frozenset(config.connections.names)
+        self._managers: dict[str, TokenManager] = {}
+        self._loading: dict[str, asyncio.Future[TokenManager]] = {}
+        self._misses: dict[str, float] = {}
+        self._added: list[AddedHook] = []
+        self._marker = ""
+        self._background = True
+        self._watcher: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self, *, background: bool = True) -> None:
+        """Verify the store, load the known connections; with `background`, watch it."""
+        self._background = background
+        await self._stores.verify()
+        self._marker = await self._stores.changed()
+        names = set(self.configured) | set(await self._stores.names())
+        for name in sorted(names):
+            await self._load(name)
+        if background:
+            self._watcher = asyncio.create_task(self._watch(), name="connections-watch")
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+        managers, self._managers = list(self._managers.values()), {}
+        for manager in managers:
+            await manager.close()
+
+    def on_added(self, hook: AddedHook) -> None:
+        """Call `hook(manager, configured)` for every connection, now and when added."""
+        self._added.append(hook)
+        for name, manager in self._managers.items():
+            hook(manager, name in self.configured)
+
+    def use_config(self, config: Config) -> None:
+        """Timeouts of a reloaded configuration, for every manager."""
+        self._config = config
+        for manager in self._managers.values():
+            manager.use_timeouts(config.timeouts)
+
+    # -- lookups ---------------------------------------------------------------------
+
+    def get(self, name: str) -> TokenManager | None:
+        """The connection's manager if it is in memory (O(1), no I/O)."""
+        return self._managers.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._managers)
+
+    def __len__(self) -> int:
+        return len(self._managers)
+
+    def managers(self) -> list[TokenManager]:
+        return [self._managers[name] for name in sorted(self._managers)]
+
+    async def find(self, name: str) -> TokenManager | None:
+        """The connection's manager, from memory or, for a name new to us, the store."""
+        manager = self._managers.get(name)
+        if manager is not None:
+            return manager
+        now = self._clock()
+        if now - self._misses.get(name, float("-inf")) < MISS_INTERVAL:
+            return None
+        if not await self._stores.exists(name):
+            self._remember_miss(name, now)
+            return None
+        return await self._load(name)
+
+    async def require(self, name: str) -> TokenManager:
+        manager = await self.find(name)
+        if manager is None:
+            raise UnknownConnection(f"no connection named {name!r}")
+        return manager
+
+    def _remember_miss(self, name: str, now: float) -> None:
+        if len(self._misses) >= MAX_MISSES:
+            self._misses.clear()
+        self._misses[name] = now
+
+    async def _load(self, name: str) -> TokenManager:
+        """Single-flight: concurrent first uses of one name share one manager."""
+        if name in self._managers:
+            return self._managers[name]
+        pending = self._loading.get(name)
+        if pending is None:
+            pending = asyncio.ensure_future(self._start_manager(name))
+            self._loading[name] = pending
+            pending.add_done_callback(lambda _: self._loading.pop(name, None))
+        return await asyncio.shield(pending)
+
+    async def _start_manager(self, name: str) -> TokenManager:
+        configured = name in self.configured
+        manager = TokenManager(
+            self._config,
+            self._stores.store(name),
+            self._session,
+            clock=self._clock,
+            events=ConnectionEvents(name, self._counters, self._on_state),
+            name=name,
+            limiter=self._limiter,
+        )
+        # Configured connections keep polling the store while idle, as the single
+        # connection always did; the others are brought in by the change marker.
+        await manager.start(background=self._background, verify=False, poll_store=configured)
+        self._managers[name] = manager
+        self._misses.pop(name, None)
+        for hook in list(self._added):
+            hook(manager, configured)
+        return manager
+
+    # -- changes ---------------------------------------------------------------------
+
+    async def create(self, name: str) -> tuple[TokenManager, bool]:
+        """The connection, made (an empty entry in the store) if it is new."""
+        manager = await self.find(name)
+        if manager is not None:
+            return manager, False
+        manager = await self._load(name)
+        await manager.logout(keep_entry=True)
+        await self._stores.touch()
+        log.info(
+            "connection created",
+            extra={"fields": {"event": "connection.created", "connection": name}},
+        )
+        return manager, True
+
+    async def issue_link(self, name: str, *, return_to: str | None = None) -> IssuedLink:
+        """A new one-time connect link for `name` (created if new); replaces older links."""
+        manager, created = await self.create(name)
+        code = secrets.token_urlsafe(LINK_CODE_BYTES)
+        expires_at = self._clock() + self._config.connections.link_ttl
+        await manager.save_link(Link(code_hash(code), expires_at, return_to))
+        await self._stores.touch()
+        return IssuedLink(name, code, expires_at, created)
+
+    async def install(
+        self,
+        name: str,
+        tokens: TokenSet,
+        *,
+        subject: str | None = None,
+        company_name: str | None = None,
+    ) -> TokenManager:
+        """Persist a new grant for `name` (created if new) and tell other processes."""
+        manager = await self.find(name) or await self._load(name)
+        twins = self._same_subject(name, subject)
+        if twins:
+            log.warning(
+                "connection %s authorised the same Pleo subject as %s",
+                name,
+                ", ".join(twins),
+                extra={"fields": {"event": "connection.same_subject", "connection": name}},
+            )
+        extra = {"same_subject_as": twins} if twins else {}
+        await manager.install(tokens, subject=subject, company_name=company_name, extra=extra)
+        await self._stores.touch()
+        return manager
+
+    def _same_subject(self, name: str, subject: str | None) -> list[str]:
+        if subject is None:
+            return []
+        return [
+            other.name
+            for other in self.managers()
+            if other.name != name and other.stored is not None and other.stored.subject == subject
+        ]
+
+    async def logout(self, name: str) -> None:
+        manager = await self.require(name)
+        await manager.logout(keep_entry=name != DEFAULT_CONNECTION)
+        await self._stores.touch()
+
+    async def delete(self, name: str) -> bool:
+        """Forget the connection's tokens here and, through the store, everywhere."""
+        manager = await self.find(name)
+        if manager is None:
+            return False
+        await manager.forget()
+        await self._stores.touch()
+        await self._drop(name)
+        log.info(
+            "connection deleted",
+            extra={"fields": {"event": "connection.deleted", "connection": name}},
+        )
+        return True
+
+    async def _drop(self, name: str) -> None:
+        """Stop serving a connection whose entry is gone (configured ones stay, unauthorised)."""
+        manager = self._managers.get(name)
+        if manager is None:
+            return
+        if name in self.configured:
+            await manager.reload()
+            return
+        del self._managers[name]
+        await manager.close()
+
+    # -- watching the store ----------------------------------------------------------
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                await self.sync()
+            except StoreError as exc:
+                log.warning("could not check the store for changed connections: %s", exc.detail)
+
+    async def sync(self) -> None:
+        """If the store changed: add new connections, drop deleted ones, pick up tokens."""
+        marker = await self._stores.changed()
+        if marker == self._marker:
+            return
+        self._marker = marker
+        present = set(await self._stores.names())
+        for name in sorted(present - set(self._managers)):
+            await self._load(name)
+        for name in sorted(set(self._managers) - present - self.configured):
+            await self._drop(name)
+        for manager in self.managers():
+            if manager.state in (TokenState.UNAUTHORISED, TokenState.REAUTHORIZATION_REQUIRED):
+                await manager.reread()
