@@ -48,6 +48,7 @@ LEAVES = (
     "ops/sdnotify.py",
     "ops/logs.py",
     "ops/metrics.py",
+    "ops/events.py",
 )
 # The core, by package or module: what a leaf must never import.
 CORE = (
