@@ -10,17 +10,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import json
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
-from proxy import __version__
+from proxy import __version__, cli_tokens
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError, ProxyError
+from proxy.names import DEFAULT_CONNECTION, NAME_RULE, is_valid_name
 from proxy.ops.logs import redact, setup_logging
 
 EXIT_OK = 0
@@ -60,11 +58,17 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--redirect-uri", action="append", default=[])
     with_config("check-config", "validate a configuration file")
-    with_config("authorize-url", "print the one-time authorise URL")
-    with_config("status", "print the connection status as JSON")
-    with_config("token", "print a valid access token (refreshing if needed)")
-    with_config("import-tokens", "store tokens given as JSON on stdin")
-    with_config("logout", "delete the local tokens")
+    for name, help_text in (
+        ("authorize-url", "print the one-time authorise URL"),
+        ("status", "print the status of one connection, or of every one, as JSON"),
+        ("token", "print a valid access token (refreshing if needed)"),
+        ("import-tokens", "store tokens given as JSON (or JSON lines) on stdin"),
+        ("logout", "delete the local tokens"),
+    ):
+        with_config(name, help_text).add_argument("--connection", metavar="NAME", default=None)
+    connect = with_config("connect", "create a connection if new; print its one-time link")
+    connect.add_argument("name", metavar="NAME")
+    connect.add_argument("--return-to", metavar="URL", default=None)
     with_config("rotate-key", "re-seal the token file under a new key")
     return parser
 
@@ -121,17 +125,34 @@ def _run_with_config(command: str, config: Config, args: argparse.Namespace) -> 
         return EXIT_OK
     if command == "run":
         return _run(config, args)
+    connection: str | None = getattr(args, "name", None) or getattr(args, "connection", None)
+    if connection is not None and not is_valid_name(connection):
+        return cli_tokens.usage_error(f"invalid connection name {connection!r}: {NAME_RULE}")
     if command == "authorize-url":
-        return _authorize_url(config)
+        return _authorize_url(config, connection)
     setup_logging("warning")
-    handlers: dict[str, Callable[[Config], Coroutine[Any, Any, int]]] = {
-        "status": _status,
-        "token": _token,
-        "import-tokens": _import_tokens,
-        "logout": _logout,
-        "rotate-key": _rotate_key,
+    if command == "connect":
+        assert connection is not None  # noqa: S101 - a required argument
+        return _connect(config, connection, args.return_to)
+    if command == "rotate-key":
+        return asyncio.run(_rotate_key(config))
+    handlers: dict[str, Callable[[Config, str | None], Coroutine[Any, Any, int]]] = {
+        "status": cli_tokens.status,
+        "token": cli_tokens.token,
+        "import-tokens": cli_tokens.import_tokens,
+        "logout": cli_tokens.logout,
     }
-    return asyncio.run(handlers[command](config))
+    return asyncio.run(handlers[command](config, connection))
+
+
+def _connect(config: Config, connection: str, return_to: str | None) -> int:
+    from proxy.http.connections_api import return_to_problem
+
+    if config.pleo.uses_api_key:
+        return cli_tokens.usage_error("connections need OAuth; pleo.api_key is set")
+    if return_to is not None and (problem := return_to_problem(config, return_to)):
+        return cli_tokens.usage_error(problem)
+    return asyncio.run(cli_tokens.connect(config, connection, return_to))
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -174,100 +195,24 @@ def _run(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _authorize_url(config: Config) -> int:
-    from proxy.connect.authorise import read_authorize_url
+def _authorize_url(config: Config, connection: str | None) -> int:
+    from proxy.connect.urlfile import read_authorize_url
 
-    url = read_authorize_url(config)
+    name = connection or DEFAULT_CONNECTION
+    url = read_authorize_url(config, name)
     if url is None:
-        status = asyncio.run(_read_status(config))
+        status = asyncio.run(cli_tokens.read_status(config, name))
         if status["state"] == "authorised":
             print("already authorised: no authorise URL is needed", file=sys.stderr)
-        else:
+        elif name in config.connections.names:
             print("no authorise URL yet: start the proxy with `pleo-proxy run`", file=sys.stderr)
+        else:
+            print(
+                f"no authorise URL: make a link with `pleo-proxy connect {name}`", file=sys.stderr
+            )
         return EXIT_FAILURE
     print(url)
     return EXIT_OK
-
-
-async def _with_manager(config: Config, action: Callable[[Any], Awaitable[int]]) -> int:
-    """Run `action(manager)` with a token manager on the configured store (no background)."""
-    from proxy.lifecycle.manager import TokenManager
-    from proxy.store import open_store
-
-    store = open_store(config)
-    try:
-        async with aiohttp.ClientSession() as session:
-            manager = TokenManager(config, store, session)
-            await manager.start(background=False)
-            try:
-                return await action(manager)
-            finally:
-                await manager.close()
-    finally:
-        await store.close()
-
-
-async def _read_status(config: Config) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-
-    async def read(manager: Any) -> int:
-        result.update(manager.status())
-        return EXIT_OK
-
-    await _with_manager(config, read)
-    return result
-
-
-async def _status(config: Config) -> int:
-    print(json.dumps(await _read_status(config), indent=2))
-    return EXIT_OK
-
-
-async def _token(config: Config) -> int:
-    async def token(manager: Any) -> int:
-        tokens = await manager.current_token()
-        print(tokens.access_token.reveal())
-        return EXIT_OK
-
-    return await _with_manager(config, token)
-
-
-async def _import_tokens(config: Config) -> int:
-    import time
-
-    from proxy.lifecycle import oauth
-
-    try:
-        doc = json.loads(sys.stdin.read())
-    except json.JSONDecodeError as exc:
-        print(f"error: stdin is not JSON (line {exc.lineno})", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        tokens = oauth.parse_token_response(
-            doc, now=time.time(), requested_scopes=config.pleo.scopes
-        )
-    except ProxyError as exc:
-        print(f"error: {exc.detail}", file=sys.stderr)
-        return EXIT_USAGE
-
-    async def install(manager: Any) -> int:
-        await manager.install(tokens)
-        print("tokens imported; the proxy is authorised")
-        return EXIT_OK
-
-    return await _with_manager(config, install)
-
-
-async def _logout(config: Config) -> int:
-    async def logout(manager: Any) -> int:
-        await manager.logout()
-        print(
-            "local tokens deleted. Pleo documents no revocation endpoint: to revoke the"
-            " grant itself, disconnect the app in Pleo's settings."
-        )
-        return EXIT_OK
-
-    return await _with_manager(config, logout)
 
 
 async def _rotate_key(config: Config) -> int:

@@ -57,3 +57,8 @@ def authorise_page_url(config: Config, connection: str = DEFAULT_CONNECTION) -> 
     if connection != DEFAULT_CONNECTION:
         url = str(URL(url).with_query(connection=connection))
     return url
+
+
+def url_with_code(config: Config, connection: str, code: str) -> str:
+    """The connection's authorise page with a setup code or connect-link code."""
+    return str(URL(authorise_page_url(config, connection)).update_query(setup=code))

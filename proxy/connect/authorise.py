@@ -42,7 +42,13 @@ from proxy.lifecycle.registry import Registry, code_hash
 from proxy.names import DEFAULT_CONNECTION
 from proxy.secret import Secret
 from proxy.tokenset import Link, TokenSet
-from proxy.urls import authorise_page_url, callback_reaches_proxy, origin_of, proxy_origin
+from proxy.urls import (
+    authorise_page_url,
+    callback_reaches_proxy,
+    origin_of,
+    proxy_origin,
+    url_with_code,
+)
 
 __all__ = [
     "AUTHORISER_KEY",
@@ -94,7 +100,7 @@ class Authoriser:
         return authorise_page_url(self._config, connection)
 
     def url_with_code(self, connection: str, code: str) -> str:
-        return str(URL(self.page_url(connection)).update_query(setup=code))
+        return url_with_code(self._config, connection, code)
 
     def setup_url(self, connection: str = DEFAULT_CONNECTION) -> str | None:
         """The page URL with the connection's own setup code; None while it needs none."""

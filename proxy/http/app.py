@@ -30,17 +30,30 @@ from proxy.config import Config
 from proxy.connect.authorise import authorise_routes, authoriser_ctx
 from proxy.errors import ProxyError
 from proxy.http.access_log import AccessLogger, access_logger, send_request_id
+from proxy.http.connections_api import connections_api_routes
 from proxy.http.forward import defer_continue, forward
 from proxy.http.guard import REFUSALS_KEY, guard_middleware
-from proxy.http.keys import CLOCK_KEY, CONFIG_KEY, CREDENTIALS_KEY, TOKENS_KEY, UPSTREAM_SESSION_KEY
+from proxy.http.keys import (
+    CLOCK_KEY,
+    CONFIG_KEY,
+    CREDENTIALS_KEY,
+    EVENTS_KEY,
+    FIXED_CONNECTION_KEY,
+    REGISTRY_KEY,
+    TOKENS_KEY,
+    UPSTREAM_SESSION_KEY,
+)
 from proxy.http.limits import server_limits
-from proxy.http.probes import admin_routes
+from proxy.http.probes import connection_probe_routes, probe_routes
 from proxy.lifecycle.credentials import ApiKeySource, CredentialSource
-from proxy.lifecycle.manager import TokenManager
+from proxy.lifecycle.manager import TokenState
+from proxy.lifecycle.registry import Registry, StateHook
+from proxy.names import DEFAULT_CONNECTION
 from proxy.ops import sdnotify
+from proxy.ops.events import EventSink, EventsSettings
 from proxy.ops.metrics import METRICS_KEY, Metrics, in_flight_middleware
 from proxy.ops.reload import LIVE_KEY, LiveSettings, reload
-from proxy.store import open_store
+from proxy.store import open_stores
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +78,40 @@ async def reserved_not_found(request: web.Request) -> web.Response:
 
 def reserved_routes(config: Config) -> list[web.RouteDef]:
     """The proxy's own endpoints under `/_proxy/`. Adding one is adding a line here."""
-    routes = list(admin_routes())
+    routes = list(probe_routes())
     if not config.pleo.uses_api_key:
-        routes += authorise_routes()
+        if not config.pages.separate:
+            routes += authorise_routes()
+        if config.admin.key is not None:
+            routes += connections_api_routes()
     return routes
 
 
 def _routes(config: Config) -> list[web.RouteDef]:
-    # Order matters: reserved paths, then the reserved fallback, then the forwarder.
+    # Order matters: reserved paths (also behind a /c/NAME/ prefix, never forwarded),
+    # then the reserved fallback, then the forwarder.
     return [
         *reserved_routes(config),
+        *connection_probe_routes(),
         web.route("*", "/_proxy/{tail:.*}", reserved_not_found),
+        web.route("*", "/c/{name}/_proxy/{tail:.*}", reserved_not_found),
         web.route("*", "/{tail:.*}", forward, expect_handler=defer_continue),
     ]
+
+
+def connection_routes() -> list[web.RouteDef]:
+    """A connection's own listener: its probes and the forwarder, nothing else."""
+    return [
+        *probe_routes(),
+        web.route("*", "/_proxy/{tail:.*}", reserved_not_found),
+        web.route("*", "/c/{name}/_proxy/{tail:.*}", reserved_not_found),
+        web.route("*", "/{tail:.*}", forward, expect_handler=defer_continue),
+    ]
+
+
+def pages_routes() -> list[web.RouteDef]:
+    """The pages listener: the authorise page and the callback only (never forwarding)."""
+    return [*authorise_routes(), web.route("*", "/{tail:.*}", reserved_not_found)]
 
 
 def _error_slug(reason: str) -> str:
@@ -153,23 +187,53 @@ async def _upstream_session_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-async def _token_manager_ctx(app: web.Application) -> AsyncIterator[None]:
-    """OAuth mode: open the store, start the token manager, close both at the end."""
-    config = app[CONFIG_KEY]
-    store = open_store(config)
+def events_settings(config: Config) -> EventsSettings:
+    return EventsSettings(
+        webhook_url=config.events.webhook_url, webhook_secret=config.events.webhook_secret
+    )
+
+
+async def _events_ctx(app: web.Application) -> AsyncIterator[None]:
+    sink = EventSink(events_settings(app[CONFIG_KEY]), clock=app[CLOCK_KEY])
+    await sink.start()
+    app[EVENTS_KEY] = sink
     try:
-        manager = TokenManager(
-            config, store, app[UPSTREAM_SESSION_KEY], clock=app[CLOCK_KEY], events=app[METRICS_KEY]
+        yield
+    finally:
+        await sink.close()
+
+
+def _on_state(sink: EventSink) -> StateHook:
+    def on_state(name: str, previous: TokenState, state: TokenState, reason: str | None) -> None:
+        sink.state_changed(name, state.value, previous.value, reason)
+
+    return on_state
+
+
+async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
+    """OAuth mode: open the stores, start every connection's manager, close them at the end."""
+    config = app[CONFIG_KEY]
+    stores = open_stores(config)
+    try:
+        registry = Registry(
+            config,
+            stores,
+            app[UPSTREAM_SESSION_KEY],
+            clock=app[CLOCK_KEY],
+            counters=app[METRICS_KEY],
+            on_state=_on_state(app[EVENTS_KEY]),
         )
-        await manager.start()
-        app[TOKENS_KEY] = manager
-        app[CREDENTIALS_KEY] = manager
+        await registry.start()
+        app[REGISTRY_KEY] = registry
+        default = registry.get(DEFAULT_CONNECTION)
+        if default is not None:
+            app[TOKENS_KEY] = default
         try:
             yield
         finally:
-            await manager.close()
+            await registry.close()
     finally:
-        await store.close()
+        await stores.close()
 
 
 def _install_credentials(app: web.Application, credentials: CredentialSource | None) -> None:
@@ -180,8 +244,9 @@ def _install_credentials(app: web.Application, credentials: CredentialSource | N
         app[CREDENTIALS_KEY] = ApiKeySource(config.pleo.api_key)
     else:
         # Needs the upstream session, so it runs after _upstream_session_ctx; the
-        # authoriser subscribes to a started manager (no setup URL made for nothing).
-        app.cleanup_ctx.append(_token_manager_ctx)
+        # authoriser watches a started registry (no setup URL made for nothing).
+        app.cleanup_ctx.append(_events_ctx)
+        app.cleanup_ctx.append(_registry_ctx)
         app.cleanup_ctx.append(authoriser_ctx)
 
 
@@ -210,9 +275,41 @@ def build_app(
     return app
 
 
+def listener_app(main: web.Application, *, connection: str | None = None) -> web.Application:
+    """An app for another listener (a connection's own port, or the pages listener with
+    `connection=None`) that shares the main app's state; build it after the main app's
+    setup, once its resources exist."""
+    live = main[LIVE_KEY]
+    app = web.Application(
+        middlewares=[in_flight_middleware, guard_middleware(lambda: live.policy), json_errors]
+    )
+    for key in main:
+        app[key] = main[key]  # the same objects: one registry, session and metrics
+    app.on_response_prepare.append(send_request_id)
+    if connection is not None:
+        app[FIXED_CONNECTION_KEY] = connection
+        app.add_routes(connection_routes())
+    else:
+        app.add_routes(pages_routes())
+    return app
+
+
 def _metrics(app: web.Application) -> Metrics:
     metrics = Metrics()
     metrics.count_refusals(app[REFUSALS_KEY])
+
+    def connection_states() -> collections.Counter[str]:
+        registry = app.get(REGISTRY_KEY)
+        managers = registry.managers() if registry is not None else []
+        return collections.Counter(manager.state.value for manager in managers)
+
+    def webhook_outcomes() -> dict[str, float]:
+        sink = app.get(EVENTS_KEY)
+        if sink is None:
+            return {}
+        return {"delivered": sink.delivered, "failed": sink.failed, "dropped": sink.dropped}
+
+    metrics.watch_connections(connection_states, webhook_outcomes)
 
     def seconds_left() -> float | None:
         manager = app.get(TOKENS_KEY)
@@ -252,9 +349,9 @@ def apply_reload(app: web.Application, runner: web.AppRunner, config_path: Path)
     try:
         applied = reload(app[LIVE_KEY], config_path)
         if applied is not None:
-            manager = app.get(TOKENS_KEY)
-            if manager is not None:
-                manager.use_timeouts(applied.timeouts)
+            registry = app.get(REGISTRY_KEY)
+            if registry is not None:
+                registry.use_config(applied)
             # Read by runner.cleanup() at shutdown; aiohttp itself sets it this way.
             runner._shutdown_timeout = applied.timeouts.shutdown
     finally:
@@ -319,7 +416,11 @@ def listen_sockets(config: Config, *, reuse_port: bool = False) -> list[socket.s
     passed = sdnotify.listen_fds()
     if passed:
         return passed
-    host, port = config.listen.host, config.listen.port
+    return bind_address(config.listen.host, config.listen.port, reuse_port=reuse_port)
+
+
+def bind_address(host: str, port: int, *, reuse_port: bool) -> list[socket.socket]:
+    """Sockets for every address `host` resolves to; ListenError naming what failed."""
     sockets: list[socket.socket] = []
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -371,13 +472,25 @@ async def serve(
     """
     stop = stop if stop is not None else asyncio.Event()
     sockets = listen_sockets(config, reuse_port=reuse_port)
+    try:
+        others = other_listeners(config, reuse_port=reuse_port)
+    except BaseException:
+        _close_all(sockets)
+        raise
     app = build_app(config, credentials=credentials)
     runner = web.AppRunner(app, **runner_options(config))
+    side_runners: list[web.AppRunner] = []
     try:
         # setup() runs the cleanup contexts: the store is open and verified after it.
         await runner.setup()
         for sock in sockets:
             await web.SockSite(runner, sock).start()
+        for connection, socks in others:
+            side = web.AppRunner(listener_app(app, connection=connection), **runner_options(config))
+            side_runners.append(side)
+            await side.setup()
+            for sock in socks:
+                await web.SockSite(side, sock).start()
 
         def announce() -> None:
             if on_listening is not None:
@@ -385,6 +498,35 @@ async def serve(
 
         await _serve_until(stop, _reloader(app, runner, config_path), announce)
     finally:
+        for side in side_runners:
+            await side.cleanup()
         await runner.cleanup()
-        for sock in sockets:
-            sock.close()
+        _close_all(sockets)
+        for _, socks in others:
+            _close_all(socks)
+
+
+def _close_all(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
+
+
+def other_listeners(
+    config: Config, *, reuse_port: bool
+) -> list[tuple[str | None, list[socket.socket]]]:
+    """Sockets of each connection's own port, and of the pages listener (name None)."""
+    bound: list[tuple[str | None, list[socket.socket]]] = []
+    try:
+        for spec in config.connections.configured:
+            if spec.port is not None:
+                socks = bind_address(config.listen.host, spec.port, reuse_port=reuse_port)
+                bound.append((spec.name, socks))
+        pages = config.pages
+        if pages.port is not None:
+            host = pages.host or config.listen.host
+            bound.append((None, bind_address(host, pages.port, reuse_port=reuse_port)))
+    except BaseException:
+        for _, socks in bound:
+            _close_all(socks)
+        raise
+    return bound

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from yarl import URL
 
 from proxy.config import Config
 from proxy.urls import origin_of
@@ -77,6 +78,11 @@ class Policy:
                 exact.add(f"{name}:{port}")
         origins = {_normalise_origin(o) for o in config.listen.allowed_origins}
         origins.add(origin_of(config.pleo.redirect_uri).lower())
+        public = config.pages.public_url
+        if public is not None:
+            # The pages listener behind a public front: browsers name it, and post from it.
+            origins.add(origin_of(public).lower())
+            names.add(_bracketed(URL(public).host or "").lower())
         return cls(
             frozenset(names), frozenset(exact), frozenset({config.listen.port}), frozenset(origins)
         )

@@ -11,6 +11,7 @@ from proxy.config import Config
 from proxy.lifecycle.credentials import CredentialSource
 from proxy.lifecycle.manager import TokenManager
 from proxy.lifecycle.registry import Registry
+from proxy.ops.events import EventSink
 
 CONFIG_KEY = web.AppKey("config", Config)
 CLOCK_KEY: web.AppKey[Callable[[], float]] = web.AppKey("clock")
@@ -20,3 +21,4 @@ TOKENS_KEY = web.AppKey("tokens", TokenManager)  # the default connection, when 
 REGISTRY_KEY = web.AppKey("registry", Registry)  # absent in API-key mode
 # Set on a connection's own listener: every request there is for that connection.
 FIXED_CONNECTION_KEY = web.AppKey("fixed_connection", str)
+EVENTS_KEY = web.AppKey("events", EventSink)

@@ -25,7 +25,7 @@ from proxy.config import Config
 from proxy.errors import StoreError, UnknownConnection
 from proxy.lifecycle.manager import TokenManager
 from proxy.lifecycle.rules import TokenEvents, TokenState
-from proxy.names import DEFAULT_CONNECTION
+from proxy.names import DEFAULT_CONNECTION, is_valid_name
 from proxy.store import ConnectionStores
 from proxy.tokenset import Link, TokenSet
 
@@ -162,6 +162,8 @@ class Registry:
         manager = self._managers.get(name)
         if manager is not None:
             return manager
+        if not is_valid_name(name):
+            return None  # callers check first; a bad name must never reach a file path
         now = self._clock()
         if now - self._misses.get(name, float("-inf")) < MISS_INTERVAL:
             return None
@@ -244,8 +246,10 @@ class Registry:
         *,
         subject: str | None = None,
         company_name: str | None = None,
+        notify: bool = True,
     ) -> TokenManager:
-        """Persist a new grant for `name` (created if new) and tell other processes."""
+        """Persist a new grant for `name` (created if new) and tell other processes
+        (`notify=False` for all but the last of a bulk import)."""
         manager = await self.find(name) or await self._load(name)
         twins = self._same_subject(name, subject)
         if twins:
@@ -257,7 +261,8 @@ class Registry:
             )
         extra = {"same_subject_as": twins} if twins else {}
         await manager.install(tokens, subject=subject, company_name=company_name, extra=extra)
-        await self._stores.touch()
+        if notify:
+            await self._stores.touch()
         return manager
 
     def _same_subject(self, name: str, subject: str | None) -> list[str]:

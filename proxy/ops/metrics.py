@@ -88,6 +88,37 @@ class _ExpiryCollector(Collector):
         yield family
 
 
+CONNECTION_STATES = ("unauthorised", "authorised", "refreshing", "reauthorization_required")
+StateCounts = Callable[[], collections.Counter[str]]
+EventCounts = Callable[[], dict[str, float]]
+
+
+class _ConnectionsCollector(Collector):
+    """Connections by state (the state is the only label: never a connection's name, so
+    thousands of connections cannot blow up the exposition), and webhook delivery."""
+
+    def __init__(self, states: StateCounts, events: EventCounts) -> None:
+        self._states = states
+        self._events = events
+
+    def collect(self) -> Iterable[Metric]:
+        counts = self._states()
+        family = GaugeMetricFamily(
+            "pleo_proxy_connections", "Connections served, by token state", labels=["state"]
+        )
+        for state in CONNECTION_STATES:
+            family.add_metric([state], float(counts[state]))
+        yield family
+        events = CounterMetricFamily(
+            "pleo_proxy_webhook_events",
+            "Connection events by webhook delivery outcome",
+            labels=["outcome"],
+        )
+        for outcome, value in sorted(self._events().items()):
+            events.add_metric([outcome], value)
+        yield events
+
+
 class Metrics(TokenEvents):
     """The application's metrics; also the token manager's event hook."""
 
@@ -154,6 +185,10 @@ class Metrics(TokenEvents):
     def watch_expiry(self, source: ExpirySource) -> None:
         """Expose `source()` (seconds until expiry, or None) as a gauge read at scrape time."""
         self.registry.register(_ExpiryCollector(source))
+
+    def watch_connections(self, states: StateCounts, events: EventCounts) -> None:
+        """Expose connections by state and webhook outcomes (read at scrape time)."""
+        self.registry.register(_ConnectionsCollector(states, events))
 
     # -- observations ------------------------------------------------------------------
 
