@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     with_config("token", "print a valid access token (refreshing if needed)")
     with_config("import-tokens", "store tokens given as JSON on stdin")
     with_config("logout", "delete the local tokens")
-    with_config("rotate-key", "re-seal the token file under a new key")
+    with_config("rotate-key", "re-seal every token file under a new key")
     return parser
 
 
@@ -271,7 +271,7 @@ async def _logout(config: Config) -> int:
 
 
 async def _rotate_key(config: Config) -> int:
-    from proxy.store.file import rotate_key
+    from proxy.store.files import rotate_key
 
     if config.tokens.store != "file":
         # Re-sealing the shared Redis value for every instance is not built yet.
@@ -279,5 +279,5 @@ async def _rotate_key(config: Config) -> int:
         return EXIT_USAGE
 
     key_id = await rotate_key(config)
-    print(f"token file re-sealed under key {key_id}")
+    print(f"token files re-sealed under key {key_id}")
     return EXIT_OK

@@ -1,8 +1,9 @@
 """One connection's encrypted token file: sealed state, atomic fsync'd writes, `flock` lock.
 
-Owns the layout beside one token file (`<path>.lock`, temp files, `<key_file>.old` during
-a key rotation) and key rotation. Blocking file calls run in a worker thread. Must not
-decide when to refresh, touch the network, or put file contents in a message.
+Owns the layout beside one token file (`<path>.lock`, temp files, reading `<key_file>.old`
+during a key rotation); every connection's files and key rotation are files.py's. Blocking
+file calls run in a worker thread. Must not decide when to refresh, touch the network, or
+put file contents in a message.
 """
 
 from __future__ import annotations
@@ -21,10 +22,7 @@ from typing import TYPE_CHECKING
 from proxy.errors import LockTimeout, StoreError
 from proxy.store.crypto import (
     check_envelope,
-    format_key,
     fsync_dir,
-    generate_key,
-    key_id,
     key_source,
     load_key,
     open_sealed,
@@ -39,7 +37,6 @@ if TYPE_CHECKING:
 
 LOCK_POLL_MIN = 0.01
 LOCK_POLL_MAX = 0.05
-ROTATE_LOCK_TIMEOUT = 30.0
 
 
 class FileBackend:
@@ -178,28 +175,6 @@ class FileStore:
         self._backend.keys(create=True)
         self._load_sync()
 
-    def _rotate_sync(self) -> str:
-        """Re-seal under a new key; the caller holds the lock. Returns the new key id."""
-        key_file = self._backend.key_file
-        old_path = old_key_path(key_file)
-        state = self._load_sync()
-        current = self._backend.keys(create=True)[0]
-        if old_path.exists():
-            # An earlier rotation stopped before it finished: finish it first, so that
-            # overwriting `.old` below cannot lose the only key that opens the file.
-            if state is not None:
-                write_atomic(self._path, seal(state_to_json(state), current))
-            remove(old_path)
-        # Order matters for crash safety: keep the old key, then switch the key, then
-        # re-seal; a crash at any point leaves a key on disk that opens the token file.
-        write_atomic(old_path, format_key(current))
-        new = generate_key()
-        write_atomic(key_file, format_key(new))
-        if state is not None:
-            write_atomic(self._path, seal(state_to_json(state), new))
-        remove(old_path)
-        return key_id(new)
-
     # The lock.
 
     @asynccontextmanager
@@ -252,43 +227,8 @@ class FileStore:
             await asyncio.sleep(random.uniform(LOCK_POLL_MIN, LOCK_POLL_MAX))  # noqa: S311
 
 
-async def rotate_key(
-    config: Config,
-    *,
-    environ: Mapping[str, str] | None = None,
-    lock_timeout: float = ROTATE_LOCK_TIMEOUT,
-) -> str:
-    """Re-seal the token file under a new key file; returns the new key id.
-
-    Refused (StoreError) when the key comes from PLEO_PROXY_KEY or a systemd credential:
-    pleo-proxy cannot rewrite those; rotate them where they are set. Runs under the
-    store lock, so it does not interleave with a refresh in a running proxy.
-    """
-    env = os.environ if environ is None else environ
-    source = key_source(env)
-    if source is not None:
-        raise StoreError(
-            f"the token key comes from {source}, which pleo-proxy cannot rewrite;"
-            " rotate it where it is set"
-        )
-    store = FileStore(config.tokens.path, key_file=config.tokens.key_file, environ=env)
-    try:
-        async with store.lock(lock_timeout):
-            work = asyncio.ensure_future(asyncio.to_thread(store._rotate_sync))
-            try:
-                return await asyncio.shield(work)
-            except asyncio.CancelledError:
-                # A thread cannot be stopped: hold the lock until its writes are done.
-                await asyncio.wait([work])
-                if not work.cancelled():
-                    work.exception()  # retrieved: the cancellation is what we report
-                raise
-    finally:
-        await store.close()
-
-
 def old_key_path(key_file: Path) -> Path:
-    """Where the previous key is kept while a rotation re-seals the token file."""
+    """Where the previous key is kept while a rotation re-seals the token files."""
     return key_file.with_name(f"{key_file.name}.old")
 
 
