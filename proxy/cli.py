@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     connect = with_config("connect", "create a connection if new; print its one-time link")
     connect.add_argument("name", metavar="NAME")
     connect.add_argument("--return-to", metavar="URL", default=None)
-    with_config("rotate-key", "re-seal the token file under a new key")
+    with_config("rotate-key", "re-seal every token file under a new key")
     return parser
 
 
@@ -216,7 +216,7 @@ def _authorize_url(config: Config, connection: str | None) -> int:
 
 
 async def _rotate_key(config: Config) -> int:
-    from proxy.store.file import rotate_key
+    from proxy.store.files import rotate_key
 
     if config.tokens.store != "file":
         # Re-sealing the shared Redis value for every instance is not built yet.
@@ -224,5 +224,5 @@ async def _rotate_key(config: Config) -> int:
         return EXIT_USAGE
 
     key_id = await rotate_key(config)
-    print(f"token file re-sealed under key {key_id}")
+    print(f"token files re-sealed under key {key_id}")
     return EXIT_OK

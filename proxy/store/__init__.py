@@ -1,8 +1,9 @@
-"""The token store interface, and the factory that opens the configured one.
+"""The token store interfaces, and the factories that open the configured backend.
 
-A store persists one `StoredState` per Pleo connection, sealed at rest, and offers a
-lock that excludes other processes (and other hosts, for Redis) during a refresh.
-It never decides when to refresh.
+A `TokenStore` persists one connection's `StoredState`, sealed at rest, and offers a lock
+that excludes other processes (and other hosts, for Redis) during a refresh. A
+`ConnectionStores` hands out every connection's `TokenStore` on one shared backend.
+Neither decides when to refresh, nor validates names (proxy/names.py does).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
+from proxy.errors import StoreError
 from proxy.tokenset import StoredState
 
 if TYPE_CHECKING:
@@ -38,8 +40,50 @@ class TokenStore(Protocol):
         """Release resources. Idempotent."""
 
 
+class ConnectionStores(Protocol):
+    """Every connection's TokenStore in one backend (one state directory / one Redis client).
+
+    Implementations: files (FileStores), redis (RedisStores). The stores `store()` hands
+    out share this object's resources: closing one of them ends only that handle, and
+    `close()` here releases the shared resources and ends every handle.
+    """
+
+    def store(self, name: str) -> TokenStore:
+        """Connection `name`'s store (`default` at the pre-connections location). No I/O."""
+
+    async def names(self) -> list[str]:
+        """Sorted names of the connections that have an entry. O(n): not for the request path."""
+
+    async def exists(self, name: str) -> bool:
+        """Whether connection `name` has an entry. O(1)."""
+
+    async def changed(self) -> str:
+        """A cheap marker (one read) that differs after any `touch()` or `remove()`."""
+
+    async def touch(self) -> None:
+        """Change the marker: a connection was created, authorised or given tokens."""
+
+    async def remove(self, name: str) -> None:
+        """Delete `name`'s entry (if any) and change the marker; the caller holds its lock."""
+
+    async def verify(self) -> None:
+        """Start-up check of the whole backend: writable, key usable. StoreError if not."""
+
+    async def close(self) -> None:
+        """Release the shared resources. Idempotent."""
+
+
+def open_stores(config: Config) -> ConnectionStores:
+    """Every connection's store, on the backend the configuration names."""
+    if config.tokens.store == "redis":
+        raise StoreError("tokens.store: redis does not keep connections yet")
+    from proxy.store.files import FileStores
+
+    return FileStores.from_config(config)
+
+
 def open_store(config: Config) -> TokenStore:
-    """The store the configuration names."""
+    """The `default` connection's store, owning its resources (its close() releases them)."""
     if config.tokens.store == "redis":
         from proxy.store.redis import RedisStore
 

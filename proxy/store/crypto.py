@@ -87,6 +87,12 @@ def open_sealed(blob: bytes, keys: Sequence[bytes], *, what: str = "token file")
         raise StoreError(f"{what} is corrupt (authentication failed)") from None
 
 
+def sealed_key_id(blob: bytes, *, what: str = "token file") -> str:
+    """The id of the key `blob` was sealed under, read from its header (no key needed)."""
+    check_envelope(blob, what=what)
+    return blob[len(MAGIC) : len(MAGIC) + KID_BYTES].hex()
+
+
 def check_envelope(blob: bytes, *, what: str = "token file") -> None:
     """StoreError unless `blob` looks like one of our envelopes (no key needed)."""
     if not blob.startswith(MAGIC_FAMILY):

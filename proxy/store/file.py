@@ -1,8 +1,9 @@
-"""The encrypted token file: sealed state, atomic fsync'd writes, and an `flock` lock.
+"""One connection's encrypted token file: sealed state, atomic fsync'd writes, `flock` lock.
 
-Owns the file layout beside the token file (`<path>.lock`, temp files, `<key_file>.old`
-during a key rotation) and key rotation. Blocking file calls run in a worker thread.
-Must not decide when to refresh, touch the network, or put file contents in a message.
+Owns the layout beside one token file (`<path>.lock`, temp files, reading `<key_file>.old`
+during a key rotation); every connection's files and key rotation are files.py's. Blocking
+file calls run in a worker thread. Must not decide when to refresh, touch the network, or
+put file contents in a message.
 """
 
 from __future__ import annotations
@@ -21,10 +22,7 @@ from typing import TYPE_CHECKING
 from proxy.errors import LockTimeout, StoreError
 from proxy.store.crypto import (
     check_envelope,
-    format_key,
     fsync_dir,
-    generate_key,
-    key_id,
     key_source,
     load_key,
     open_sealed,
@@ -39,18 +37,44 @@ if TYPE_CHECKING:
 
 LOCK_POLL_MIN = 0.01
 LOCK_POLL_MAX = 0.05
-ROTATE_LOCK_TIMEOUT = 30.0
+
+
+class FileBackend:
+    """The sealing key of one state directory's token files, and whether they are closed.
+
+    The key is `key` when given, else resolved on every use by `load_key` (environment,
+    systemd credential, or `key_file`, created when a write needs it). Reading it each
+    time is cheap and means a `rotate_key` run by another process is picked up without a
+    restart. While `<key_file>.old` exists (a rotation in progress or interrupted), it is
+    also offered for opening. Shared by every connection's FileStore in a `FileStores`.
+    """
+
+    def __init__(
+        self,
+        key: bytes | None = None,
+        *,
+        key_file: Path,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.key_file = key_file
+        self.closed = False
+        self._key = key
+        self._environ = environ
+
+    def keys(self, *, create: bool) -> list[bytes]:
+        """The key to seal with first, then any older key still accepted for opening."""
+        if self._key is not None:
+            return [self._key]
+        environ = os.environ if self._environ is None else self._environ
+        keys = [load_key(self.key_file, environ=environ, create=create)]
+        if key_source(environ) is None:
+            with suppress(FileNotFoundError):
+                keys.append(read_key_file(old_key_path(self.key_file)))
+        return keys
 
 
 class FileStore:
-    """The `TokenStore` kept in one AES-GCM-sealed file.
-
-    The key is `key` when given, else resolved on every operation by `load_key`
-    (environment, systemd credential, or `key_file`, created when a write needs it).
-    Reading it each time is cheap and means a `rotate_key` run by another process is
-    picked up without a restart. While `<key_file>.old` exists (a rotation in progress
-    or interrupted), it is also tried when opening the file.
-    """
+    """The `TokenStore` kept in one AES-GCM-sealed file; the key as `FileBackend` resolves it."""
 
     def __init__(
         self,
@@ -60,16 +84,25 @@ class FileStore:
         key_file: Path,
         environ: Mapping[str, str] | None = None,
     ) -> None:
-        self._path = path
-        self._lock_path = path.with_name(f"{path.name}.lock")
-        self._key = key
-        self._key_file = key_file
-        self._environ = environ
-        self._closed = False
+        self._bind(path, FileBackend(key, key_file=key_file, environ=environ), owner=True)
 
     @classmethod
     def from_config(cls, config: Config) -> FileStore:
         return cls(config.tokens.path, key_file=config.tokens.key_file)
+
+    @classmethod
+    def sharing(cls, path: Path, backend: FileBackend) -> FileStore:
+        """A store for `path` on a shared `backend`: its owner closes that, not this close()."""
+        store = cls.__new__(cls)
+        store._bind(path, backend, owner=False)
+        return store
+
+    def _bind(self, path: Path, backend: FileBackend, *, owner: bool) -> None:
+        self._path = path
+        self._lock_path = path.with_name(f"{path.name}.lock")
+        self._backend = backend
+        self._owner = owner
+        self._closed = False
 
     @property
     def path(self) -> Path:
@@ -85,7 +118,7 @@ class FileStore:
 
     async def delete(self) -> None:
         self._check_open()
-        await asyncio.to_thread(_remove, self._path)
+        await asyncio.to_thread(remove, self._path)
 
     def lock(self, timeout: float) -> AbstractAsyncContextManager[None]:
         """Exclusive across processes, other FileStores and other tasks; not re-entrant.
@@ -104,23 +137,20 @@ class FileStore:
 
     async def close(self) -> None:
         self._closed = True
+        if self._owner:
+            self._backend.closed = True
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._closed or self._backend.closed:
             raise StoreError(f"token store {self._path} is closed")
 
     # Blocking halves, run in a worker thread.
 
-    def _keys(self, *, create: bool) -> list[bytes]:
-        """The key to seal with first, then any older key still accepted for opening."""
-        if self._key is not None:
-            return [self._key]
-        environ = os.environ if self._environ is None else self._environ
-        keys = [load_key(self._key_file, environ=environ, create=create)]
-        if key_source(environ) is None:
-            with suppress(FileNotFoundError):
-                keys.append(read_key_file(old_key_path(self._key_file)))
-        return keys
+    def reseal_sync(self, key: bytes) -> None:
+        """Re-seal the stored state (if any) under `key`. Blocking; the caller holds the lock."""
+        state = self._load_sync()
+        if state is not None:
+            write_atomic(self._path, seal(state_to_json(state), key))
 
     def _load_sync(self) -> StoredState | None:
         blob = _read(self._path)
@@ -129,7 +159,7 @@ class FileStore:
         what = f"token file {self._path}"
         # The envelope first: a foreign file is reported as such, not as a missing key.
         check_envelope(blob, what=what)
-        plaintext = open_sealed(blob, self._keys(create=False), what=what)
+        plaintext = open_sealed(blob, self._backend.keys(create=False), what=what)
         try:
             return state_from_json(plaintext)
         except ValueError as exc:
@@ -137,43 +167,13 @@ class FileStore:
             raise StoreError(f"token file {self._path} is corrupt ({exc})") from None
 
     def _save_sync(self, state: StoredState) -> None:
-        key = self._keys(create=True)[0]
+        key = self._backend.keys(create=True)[0]
         write_atomic(self._path, seal(state_to_json(state), key))
 
     def _verify_sync(self) -> None:
-        directory = self._path.parent
-        probe = directory / f".{self._path.name}.{secrets.token_hex(6)}.probe"
-        try:
-            ensure_dir(directory)
-            write_private(probe, b"")
-            probe.unlink()
-        except OSError as exc:
-            raise StoreError(
-                f"token directory {directory} is not writable: {_reason(exc)}"
-            ) from None
-        self._keys(create=True)
+        check_writable(self._path.parent)
+        self._backend.keys(create=True)
         self._load_sync()
-
-    def _rotate_sync(self) -> str:
-        """Re-seal under a new key; the caller holds the lock. Returns the new key id."""
-        old_path = old_key_path(self._key_file)
-        state = self._load_sync()
-        current = self._keys(create=True)[0]
-        if old_path.exists():
-            # An earlier rotation stopped before it finished: finish it first, so that
-            # overwriting `.old` below cannot lose the only key that opens the file.
-            if state is not None:
-                write_atomic(self._path, seal(state_to_json(state), current))
-            _remove(old_path)
-        # Order matters for crash safety: keep the old key, then switch the key, then
-        # re-seal; a crash at any point leaves a key on disk that opens the token file.
-        write_atomic(old_path, format_key(current))
-        new = generate_key()
-        write_atomic(self._key_file, format_key(new))
-        if state is not None:
-            write_atomic(self._path, seal(state_to_json(state), new))
-        _remove(old_path)
-        return key_id(new)
 
     # The lock.
 
@@ -227,43 +227,8 @@ class FileStore:
             await asyncio.sleep(random.uniform(LOCK_POLL_MIN, LOCK_POLL_MAX))  # noqa: S311
 
 
-async def rotate_key(
-    config: Config,
-    *,
-    environ: Mapping[str, str] | None = None,
-    lock_timeout: float = ROTATE_LOCK_TIMEOUT,
-) -> str:
-    """Re-seal the token file under a new key file; returns the new key id.
-
-    Refused (StoreError) when the key comes from PLEO_PROXY_KEY or a systemd credential:
-    pleo-proxy cannot rewrite those; rotate them where they are set. Runs under the
-    store lock, so it does not interleave with a refresh in a running proxy.
-    """
-    env = os.environ if environ is None else environ
-    source = key_source(env)
-    if source is not None:
-        raise StoreError(
-            f"the token key comes from {source}, which pleo-proxy cannot rewrite;"
-            " rotate it where it is set"
-        )
-    store = FileStore(config.tokens.path, key_file=config.tokens.key_file, environ=env)
-    try:
-        async with store.lock(lock_timeout):
-            work = asyncio.ensure_future(asyncio.to_thread(store._rotate_sync))
-            try:
-                return await asyncio.shield(work)
-            except asyncio.CancelledError:
-                # A thread cannot be stopped: hold the lock until its writes are done.
-                await asyncio.wait([work])
-                if not work.cancelled():
-                    work.exception()  # retrieved: the cancellation is what we report
-                raise
-    finally:
-        await store.close()
-
-
 def old_key_path(key_file: Path) -> Path:
-    """Where the previous key is kept while a rotation re-seals the token file."""
+    """Where the previous key is kept while a rotation re-seals the token files."""
     return key_file.with_name(f"{key_file.name}.old")
 
 
@@ -276,6 +241,17 @@ def ensure_dir(directory: Path) -> None:
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
         return
     os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask: be exact
+
+
+def check_writable(directory: Path) -> None:
+    """Create `directory` if missing and write a probe file there; StoreError if that fails."""
+    probe = directory / f".{secrets.token_hex(6)}.probe"
+    try:
+        ensure_dir(directory)
+        write_private(probe, b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StoreError(f"token directory {directory} is not writable: {_reason(exc)}") from None
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -308,7 +284,8 @@ def _read(path: Path) -> bytes | None:
         raise StoreError(f"cannot read token file {path}: {_reason(exc)}") from None
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
+    """Unlink `path` and make that durable; no error if it is absent."""
     try:
         path.unlink()
     except FileNotFoundError:

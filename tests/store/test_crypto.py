@@ -24,6 +24,7 @@ from proxy.store.crypto import (
     open_sealed,
     parse_key,
     seal,
+    sealed_key_id,
 )
 
 PLAINTEXT = b'{"access_token":"AT-123","refresh_token":"RT-456"}'
@@ -42,6 +43,13 @@ def test_sealed_blob_carries_magic_and_key_id_but_no_plaintext() -> None:
     assert blob[len(MAGIC) : len(MAGIC) + KID_BYTES].hex() == key_id(key)
     assert b"AT-123" not in blob
     assert b"RT-456" not in blob
+
+
+def test_sealed_key_id_reads_the_header_without_a_key() -> None:
+    key = generate_key()
+    assert sealed_key_id(seal(PLAINTEXT, key)) == key_id(key)
+    with pytest.raises(StoreError, match="foreign"):
+        sealed_key_id(b"not an envelope", what="token file x")
 
 
 def test_opens_with_whichever_configured_key_sealed_it() -> None:

@@ -1,4 +1,7 @@
-"""FileStore: the store contract, plus file modes, corruption, keys, atomicity and rotation."""
+"""FileStore: the store contract, plus file modes, corruption, keys and atomicity.
+
+Key rotation, which re-seals every connection's file, is tested in test_files.py.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +14,14 @@ import signal
 import stat
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from proxy.config import Config, TokensConfig
 from proxy.errors import StoreError
-from proxy.store.crypto import generate_key, key_id, open_sealed, read_key_file, seal
-from proxy.store.file import FileStore, old_key_path, rotate_key
+from proxy.store.crypto import generate_key, key_id, open_sealed, seal
+from proxy.store.file import FileStore
 from tests.store.contract import CHECKS, Check, Harness, check_id, sample_state
 
 CHILD_TIMEOUT = 30.0
@@ -33,9 +35,6 @@ class Paths:
 
     def store(self, key: bytes | None = None, environ: dict[str, str] | None = None) -> FileStore:
         return FileStore(self.token, key, key_file=self.key, environ=environ or {})
-
-    def config(self) -> Config:
-        return Config(tokens=TokensConfig(path=self.token, key_file=self.key))
 
     def child_setup(self) -> str:
         # The child gets an empty environment mapping too, so a PLEO_PROXY_KEY in the
@@ -363,75 +362,6 @@ async def test_group_readable_key_file_is_refused(paths: Paths) -> None:
     assert "(mode 0640); chmod 600 it" in caught.value.detail
     assert str(paths.key) in caught.value.detail
     await store.close()
-
-
-async def test_rotate_key(paths: Paths) -> None:
-    store = paths.store()
-    await store.save(sample_state(3))
-    old_key = read_key_file(paths.key)
-    new_id = await rotate_key(paths.config(), environ={})
-    new_key = read_key_file(paths.key)
-    assert new_id == key_id(new_key) != key_id(old_key)
-    assert mode(paths.key) == 0o600
-    assert not old_key_path(paths.key).exists()
-    assert await store.load() == sample_state(3)
-    with pytest.raises(StoreError, match=key_id(new_key)):
-        await paths.store(old_key).load()
-    assert open_sealed(paths.token.read_bytes(), [new_key])
-    await store.close()
-
-
-async def test_rotate_key_finishes_an_interrupted_rotation(paths: Paths) -> None:
-    # The state a crash leaves between "switch the key file" and "re-seal": the token
-    # file is still sealed under the key kept in `.old`.
-    old_key, newer_key = generate_key(), generate_key()
-    writer = paths.store(old_key)
-    await writer.save(sample_state(4))
-    await writer.close()
-    paths.key.write_bytes(base64.b64encode(newer_key) + b"\n")
-    paths.key.chmod(0o600)
-    old_key_path(paths.key).write_bytes(base64.b64encode(old_key) + b"\n")
-    old_key_path(paths.key).chmod(0o600)
-    store = paths.store()
-    assert await store.load() == sample_state(4)  # `.old` still opens it
-    new_id = await rotate_key(paths.config(), environ={})
-    assert not old_key_path(paths.key).exists()
-    assert await store.load() == sample_state(4)
-    assert key_id(read_key_file(paths.key)) == new_id
-    for stale in (old_key, newer_key):
-        with pytest.raises(StoreError):
-            await paths.store(stale).load()
-    await store.close()
-
-
-async def test_rotate_key_without_token_file_makes_a_new_key(paths: Paths) -> None:
-    first = await rotate_key(paths.config(), environ={})
-    second = await rotate_key(paths.config(), environ={})
-    assert first != second == key_id(read_key_file(paths.key))
-    assert not paths.token.exists()
-
-
-async def test_rotate_key_refuses_an_environment_key(paths: Paths) -> None:
-    key = generate_key()
-    environ = {"PLEO_PROXY_KEY": base64.b64encode(key).decode()}
-    store = paths.store(environ=environ)
-    await store.save(sample_state(1))
-    before = paths.token.read_bytes()
-    with pytest.raises(StoreError, match="PLEO_PROXY_KEY"):
-        await rotate_key(paths.config(), environ=environ)
-    assert paths.token.read_bytes() == before
-    assert not paths.key.exists()
-    await store.close()
-
-
-async def test_save_after_rotation_by_another_store_uses_the_new_key(paths: Paths) -> None:
-    running = paths.store()  # stands for a running proxy that never restarts
-    await running.save(sample_state(1))
-    await rotate_key(paths.config(), environ={})
-    await running.save(replace(sample_state(2), company_name="after rotation"))
-    new_key = read_key_file(paths.key)
-    assert open_sealed(paths.token.read_bytes(), [new_key])
-    await running.close()
 
 
 async def test_verify_creates_directory_and_key(paths: Paths) -> None:
