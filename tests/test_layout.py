@@ -17,7 +17,6 @@ TESTS = ROOT / "tests"
 COVERED_BY = {
     "proxy/__init__.py": None,
     "proxy/__main__.py": "tests/test_cli.py",
-    "proxy/cli_tokens.py": "tests/test_cli.py",
     "proxy/config/reader.py": "tests/config/test_config.py",
     "proxy/config/sections.py": "tests/config/test_config.py",
     "proxy/connect/flows.py": "tests/connect/test_authorise.py",
