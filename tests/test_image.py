@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from tests.flows import grant_tokens, sandbox_config
-from tests.processes import free_port, http_get, sandbox_process, wait_for
+from tests.processes import PLEO_PROXY, free_port, http_get, sandbox_process, stop, wait_for
 from tests.upstreams import dead_port
 
 pytestmark = pytest.mark.timeout(900)
@@ -43,6 +43,7 @@ FALLBACK_MIRROR = "http://deb.debian.org/debian"
 APT_SOURCES = Path("/etc/apt")
 CONFIG_IN_IMAGE = "/etc/pleo-proxy/config.yaml"
 STATE_IN_IMAGE = "/var/lib/pleo-proxy"
+HEALTHCHECK_IN_IMAGE = ("/opt/pleo-proxy/bin/python3", "/opt/pleo-proxy/healthcheck.py")
 # crun and podman's default rlimits are refused on the CI machines; runc and small limits
 # work everywhere podman does. CONTAINERS_CONF reaches scripts/build-image's podman too.
 CONTAINERS_CONF = """\
@@ -213,8 +214,7 @@ def test_image_runs_as_a_numeric_non_root_user_without_a_shell(podman: Podman, i
     assert config["Cmd"] == ["run", "--config", CONFIG_IN_IMAGE]
     assert f"STATE_DIRECTORY={STATE_IN_IMAGE}" in config["Env"]
     assert list(config["Volumes"]) == [STATE_IN_IMAGE]
-    assert health["Test"][0] == "CMD"  # exec form: no /bin/sh -c
-    assert Path(health["Test"][1]).name == "python3"
+    assert health["Test"] == ["CMD", *HEALTHCHECK_IN_IMAGE, CONFIG_IN_IMAGE]  # exec: no sh -c
 
 
 def _proxy_config(path: Path, *, sandbox_url: str, port: int) -> Path:
@@ -310,16 +310,20 @@ def test_image_serves_from_a_read_only_root_as_non_root(
 
         health = podman("healthcheck", "run", container, check=False, timeout=60)
         assert health.returncode == 0, health.stdout + health.stderr
+        # The README's Kubernetes readiness probe: the same script, exec'd, on readyz.
+        ready = [*HEALTHCHECK_IN_IMAGE, CONFIG_IN_IMAGE, "/_proxy/readyz"]
+        probe = podman("exec", container, *ready, check=False, timeout=30)
+        assert probe.returncode == 0, probe.stderr
 
         podman("stop", "--time=10", container, timeout=60)
         exit_code = podman("inspect", "--format", "{{.State.ExitCode}}", container).stdout
         assert exit_code.strip() == "0"  # SIGTERM drained and exited, not killed
 
 
-def _healthcheck(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _healthcheck(config: Path, env: dict[str, str], *path: str) -> subprocess.CompletedProcess[str]:
     """The script the image's HEALTHCHECK runs, run here on the host."""
     return subprocess.run(
-        [sys.executable, str(HEALTHCHECK), str(config)],
+        [sys.executable, str(HEALTHCHECK), str(config), *path],
         capture_output=True,
         text=True,
         env={**os.environ, **env},
@@ -339,3 +343,28 @@ def test_healthcheck_fails_when_nothing_listens_or_the_config_is_bad(tmp_path: P
     unset = _healthcheck(config, {"PLEO_CLIENT_SECRET": ""})  # ${PLEO_CLIENT_SECRET}: unset
     assert unset.returncode == 1
     assert unset.stderr.startswith(f"unhealthy: {config}: pleo.client_secret")
+    forwarded = _healthcheck(config, {"PLEO_CLIENT_SECRET": "s"}, "/v1/introspect")
+    assert forwarded.returncode == 1  # only the proxy's own paths: never a call to Pleo
+    assert "/_proxy/" in forwarded.stderr
+
+
+def test_healthcheck_passes_on_healthz_and_fails_on_readyz_before_authorising(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    config = _proxy_config(tmp_path / "config.yaml", sandbox_url="http://127.0.0.1:1", port=port)
+    env = {"PLEO_CLIENT_SECRET": "s", "STATE_DIRECTORY": str(tmp_path)}
+    proxy = subprocess.Popen(
+        [*PLEO_PROXY, "run", "--config", str(config)],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/_proxy/healthz")
+        assert _healthcheck(config, env).returncode == 0
+        unready = _healthcheck(config, env, "/_proxy/readyz")
+        assert unready.returncode == 1
+        assert unready.stderr.endswith("answered 503\n")
+    finally:
+        stop(proxy)
