@@ -267,6 +267,7 @@ def _serving(podman: Podman, image: str, tmp_path: Path) -> Iterator[tuple[str, 
         config = _proxy_config(tmp_path / "config.yaml", sandbox_url=sandbox_url, port=port)
         flags = [
             "--read-only",
+            "--read-only-tmpfs=false",  # no writable /tmp or /run either, as in Kubernetes
             "--network=host",  # the sandbox and our client are on the host's 127.0.0.1
             f"--volume={config}:{CONFIG_IN_IMAGE}:ro",
             f"--volume={volume}:{STATE_IN_IMAGE}",
@@ -305,8 +306,9 @@ def test_image_serves_from_a_read_only_root_as_non_root(
         code = f"import json, os; print(json.dumps(os.listdir({STATE_IN_IMAGE!r})))"
         listing = _in_container(podman, container, code)
         assert {"tokens.enc", "tokens.key"} <= set(json.loads(listing.stdout))
-        write = _in_container(podman, container, "open('/opt/pleo-proxy/x', 'w')")
-        assert "Read-only file system" in write.stderr
+        for path in ("/opt/pleo-proxy/x", "/tmp/x"):
+            write = _in_container(podman, container, f"open({path!r}, 'w')")
+            assert "Read-only file system" in write.stderr, path
 
         health = podman("healthcheck", "run", container, check=False, timeout=60)
         assert health.returncode == 0, health.stdout + health.stderr
