@@ -154,6 +154,7 @@ class Podman:
     def __init__(self, conf: Path) -> None:
         self.binary = require("podman")
         require("runc")
+        require("debootstrap")  # even with a cached base: a fresh machine needs it
         conf.write_text(CONTAINERS_CONF)
         self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
 
