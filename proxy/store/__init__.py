@@ -11,7 +11,6 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
-from proxy.errors import StoreError
 from proxy.tokenset import StoredState
 
 if TYPE_CHECKING:
@@ -76,7 +75,9 @@ class ConnectionStores(Protocol):
 def open_stores(config: Config) -> ConnectionStores:
     """Every connection's store, on the backend the configuration names."""
     if config.tokens.store == "redis":
-        raise StoreError("tokens.store: redis does not keep connections yet")
+        from proxy.store.redis import RedisStores
+
+        return RedisStores.from_config(config)
     from proxy.store.files import FileStores
 
     return FileStores.from_config(config)

@@ -1,9 +1,10 @@
 """Token state in Redis, shared by several proxy instances, and the distributed refresh lock.
 
-Owns the key layout (`pleo-proxy:<connection id>:state|lock|probe:*`), the lock protocol
-and the mapping of redis-py errors to StoreError (in `_mapped`, the one boundary). Must not
-decide when to refresh, touch files other than the key file, or put a value, a token or a
-Redis password in a message.
+Owns the key layout (`pleo-proxy:<app id>:state|lock` for `default`, `…:c:NAME:state|lock`
+for connection NAME, `…:connections|changes|probe:*`), the index and change marker, and
+the lock protocol. The client and the mapping of redis-py errors are redisclient.py's.
+Must not decide when to refresh, catch redis-py exceptions itself, touch files other
+than the key file, or put a value, a token or a Redis password in a message.
 
 Operating it. Every instance must use the same key: set PLEO_PROXY_KEY (or the systemd
 credential) to the same value everywhere, or copy one key file to all of them; a value
@@ -19,43 +20,38 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qs, urlsplit
-
-import redis.asyncio as aioredis
-import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 
 from proxy.errors import LockTimeout, StoreError
-from proxy.store.crypto import check_envelope, load_key, open_sealed, seal
-from proxy.tokenset import StoredState, state_from_json, state_to_json
+from proxy.names import DEFAULT_CONNECTION, check_name, is_valid_name
+from proxy.store.crypto import seal
+from proxy.store.redisclient import (
+    DEFAULT_LOCK_TTL,
+    DEFAULT_TIMEOUT,
+    LOCK_MARGIN,
+    WHAT,
+    RedisBackend,
+    redis_url,
+)
+from proxy.tokenset import StoredState, state_to_json
 
 if TYPE_CHECKING:
     from proxy.config import Config
 
 log = logging.getLogger(__name__)
 
-WHAT = "token state in Redis"
-# The lock must outlive the longest refresh (one token request, two saves) so that it is
-# never lost while held; it is extended every third of it anyway, and a crashed holder's
-# lock expires by itself after at most this long.
-LOCK_MARGIN = 30.0
-DEFAULT_LOCK_TTL = 15.0 + LOCK_MARGIN
-DEFAULT_TIMEOUT = 5.0
 LOCK_POLL_MIN = 0.01
 LOCK_POLL_MAX = 0.05
-PROBE_TTL_MS = 60_000
-# redis-py's default retries ten times (seconds against a Redis that is down); two quick
-# retries ride over a reconnect without making an outage slow to report.
-RETRIES = 2
+# Beside `<prefix>state|lock` (default) and `<prefix>c:NAME:state|lock` (see entry_keys).
+INDEX = "connections"
+MARKER = "changes"
 
 # Compare-and-delete / compare-and-extend: only the holder (who knows the random token)
 # may release or extend the lock, so a holder whose lock expired cannot free another's.
@@ -75,32 +71,36 @@ def key_prefix(client_id: str | None, api_url: str) -> str:
     return f"pleo-proxy:{digest}:"
 
 
-def display_url(url: str) -> str:
-    """`url` fit for a message: no user, no password, no query (redis-py reads one there)."""
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        db = parse_qs(parts.query).get("db", [])
-        return f"unix://{parts.path}" + (f"?db={db[0]}" if db else "")
-    host = parts.hostname or "localhost"
-    host = f"[{host}]" if ":" in host else host
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        port = 6379
-    return f"{parts.scheme}://{host}:{port}/{parts.path.lstrip('/') or '0'}"
+def config_prefix(config: Config) -> str:
+    """The key prefix of the configured Pleo app (its client id and API)."""
+    return key_prefix(config.pleo.client_id, config.pleo.api_url)
 
 
-def _passwords(url: str) -> list[str]:
-    parts = urlsplit(url)
-    found = [parts.password] if parts.password else []
-    return found + parse_qs(parts.query).get("password", [])
+@dataclass(frozen=True)
+class EntryKeys:
+    """Where one connection lives in Redis, and its name in the index set (None: default)."""
+
+    state: str
+    lock: str
+    member: str | None
+
+
+def entry_keys(prefix: str, name: str) -> EntryKeys:
+    """The key layout: `default` keeps the pre-connections keys; NAME gets `c:NAME:*`.
+
+    Names cannot contain ':' (proxy/names.py), so no name's keys meet another's.
+    """
+    if name == DEFAULT_CONNECTION:
+        # Not indexed: a pre-connections instance writes this key without the index.
+        return EntryKeys(f"{prefix}state", f"{prefix}lock", None)
+    return EntryKeys(f"{prefix}c:{name}:state", f"{prefix}c:{name}:lock", name)
 
 
 class RedisStore:
-    """The `TokenStore` kept in one Redis value, sealed like the token file.
+    """The `TokenStore` of one connection, kept in one Redis value sealed like the token file.
 
-    `key` is the sealing key when given; otherwise it is resolved by `load_key`
-    (PLEO_PROXY_KEY, systemd credential, `key_file`) on first use and kept.
+    `RedisStore(url, ...)` makes and owns its `RedisBackend`; `sharing()` stores use one
+    that their `RedisStores` owns and closes.
     """
 
     def __init__(
@@ -114,74 +114,92 @@ class RedisStore:
         lock_ttl: float = DEFAULT_LOCK_TTL,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
-        self._url = url
-        self._display = display_url(url)
-        self._secrets = _passwords(url)
-        self._state_key = f"{prefix}state"
-        self._lock_key = f"{prefix}lock"
-        self._probe_prefix = f"{prefix}probe:"
-        self._key = key
-        self._key_file = key_file
-        self._environ = environ
-        self._lock_ttl = lock_ttl
-        self._closed = False
-        self._client = self._connect(url, timeout)
-        self._release = self._client.register_script(RELEASE_SCRIPT)
-        self._extend = self._client.register_script(EXTEND_SCRIPT)
+        backend = RedisBackend(
+            url, key_file=key_file, key=key, environ=environ, lock_ttl=lock_ttl, timeout=timeout
+        )
+        self._bind(backend, prefix, owner=True)
 
     @classmethod
     def from_config(cls, config: Config) -> RedisStore:
-        url = config.tokens.redis_url
-        if url is None:
-            raise StoreError("tokens.redis_url: required when tokens.store is redis")
         return cls(
-            url,
-            prefix=key_prefix(config.pleo.client_id, config.pleo.api_url),
+            redis_url(config),
+            prefix=config_prefix(config),
             key_file=config.tokens.key_file,
             lock_ttl=config.timeouts.token_request + LOCK_MARGIN,
             timeout=config.timeouts.connect,
         )
 
+    @classmethod
+    def sharing(cls, backend: RedisBackend, *, prefix: str, name: str) -> RedisStore:
+        """Connection `name`'s store on a shared `backend`: its owner closes that, not close()."""
+        store = cls.__new__(cls)
+        store._bind(backend, prefix, name=name, owner=False)
+        return store
+
+    def _bind(
+        self, backend: RedisBackend, prefix: str, *, name: str = DEFAULT_CONNECTION, owner: bool
+    ) -> None:
+        self._backend = backend
+        self._keys = entry_keys(prefix, name)
+        self._what = WHAT if name == DEFAULT_CONNECTION else f"{WHAT} for connection {name}"
+        self._index_key = f"{prefix}{INDEX}"
+        self._probe_prefix = f"{prefix}probe:"
+        self._owner = owner
+        self._closed = False
+        # Script objects only hash their text: no I/O, and Redis caches the script itself.
+        self._release = backend.client.register_script(RELEASE_SCRIPT)
+        self._extend = backend.client.register_script(EXTEND_SCRIPT)
+
     @property
     def state_key(self) -> str:
-        return self._state_key
+        return self._keys.state
 
     @property
     def lock_key(self) -> str:
-        return self._lock_key
-
-    def _connect(self, url: str, timeout: float) -> aioredis.Redis:
-        try:
-            return aioredis.Redis.from_url(
-                url,
-                socket_connect_timeout=timeout,
-                socket_timeout=timeout,
-                retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), RETRIES),
-            )
-        except ValueError as exc:
-            reason = self._scrub(str(exc))
-            raise StoreError(f"tokens.redis_url {self._display} is not usable: {reason}") from None
+        return self._keys.lock
 
     async def load(self) -> StoredState | None:
         self._check_open()
-        with self._mapped("read the token state"):
-            blob = await self._get(self._state_key)
+        with self._backend.mapped("read the token state"):
+            blob = await self._backend.get(self._keys.state)
         if blob is None:
             return None
-        return await self._open(blob)
+        return await self._backend.open(blob, what=self._what)
 
     async def save(self, state: StoredState) -> None:
         self._check_open()
-        blob = seal(state_to_json(state), await self._resolve_key(create=True))
-        # One SET is atomic; its reply is Redis's acknowledgement (see the module docstring
-        # for what that means on disk).
-        with self._mapped("save the token state"):
-            await self._client.set(self._state_key, blob)
+        blob = seal(state_to_json(state), await self._backend.resolve_key(create=True))
+        # One SET (with its SADD to the index in the same MULTI/EXEC) is atomic; its reply
+        # is Redis's acknowledgement (see the module docstring for what that means on disk).
+        with self._backend.mapped("save the token state"):
+            if self._keys.member is None:
+                await self._backend.client.set(self._keys.state, blob)
+                return
+            async with self._backend.client.pipeline(transaction=True) as multi:
+                multi.set(self._keys.state, blob)
+                multi.sadd(self._index_key, self._keys.member)
+                await multi.execute()
 
     async def delete(self) -> None:
         self._check_open()
-        with self._mapped("delete the token state"):
-            await self._client.delete(self._state_key)
+        with self._backend.mapped("delete the token state"):
+            await self._forget()
+
+    async def _forget(self, *, counter: str | None = None) -> None:
+        """DEL the entry, SREM its name and INCR `counter`, in one MULTI/EXEC.
+
+        Unmapped: the caller wraps it in `mapped()` (delete() here, RedisStores.remove).
+        """
+        if self._keys.member is None and counter is None:
+            await self._backend.client.delete(self._keys.state)
+            return
+        async with self._backend.client.pipeline(transaction=True) as multi:
+            multi.delete(self._keys.state)
+            if self._keys.member is not None:
+                multi.srem(self._index_key, self._keys.member)
+            if counter is not None:
+                multi.incr(counter)
+            await multi.execute()
 
     def lock(self, timeout: float) -> AbstractAsyncContextManager[None]:
         """Exclusive across hosts, processes and tasks (a fresh token per call); not re-entrant.
@@ -194,53 +212,21 @@ class RedisStore:
 
     async def verify(self) -> None:
         self._check_open()
-        with self._mapped("answer PING"):
-            await self._client.ping()
-        probe = f"{self._probe_prefix}{secrets.token_hex(6)}"
-        with self._mapped("write a probe key"):
-            await self._client.set(probe, b"", px=PROBE_TTL_MS)
-            await self._client.delete(probe)
-        with self._mapped("read the token state"):
-            blob = await self._get(self._state_key)
-        if blob is None:
-            await self._resolve_key(create=True)
-        else:
-            await self._open(blob)
+        state = self._keys.state
+        await self._backend.check(
+            self._probe_prefix, lambda: self._backend.get(state), what=self._what
+        )
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        await self._client.aclose()
-
-    async def _get(self, key: str) -> bytes | None:
-        value = await self._client.get(key)
-        # The client is made without decode_responses: values come back as bytes.
-        return value.encode() if isinstance(value, str) else value
+        if self._owner:
+            await self._backend.close()
 
     def _check_open(self) -> None:
-        if self._closed:
-            raise StoreError(f"token store {self._display} is closed")
-
-    # Keys and sealing.
-
-    async def _resolve_key(self, *, create: bool) -> bytes:
-        if self._key is None:
-            environ = os.environ if self._environ is None else self._environ
-            self._key = await asyncio.to_thread(
-                load_key, self._key_file, environ=environ, create=create
-            )
-        return self._key
-
-    async def _open(self, blob: bytes) -> StoredState:
-        # The envelope first: a foreign value is reported as such, not as a missing key.
-        check_envelope(blob, what=WHAT)
-        plaintext = open_sealed(blob, [await self._resolve_key(create=False)], what=WHAT)
-        try:
-            return state_from_json(plaintext)
-        except ValueError as exc:
-            # ValueError's text names the kind of problem only, never the content.
-            raise StoreError(f"{WHAT} is corrupt ({exc})") from None
+        if self._closed or self._backend.closed:
+            raise StoreError(f"token store {self._backend.display} is closed")
 
     # The lock.
 
@@ -265,7 +251,7 @@ class RedisStore:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise LockTimeout(
-                        f"the refresh lock {self._lock_key} in Redis at {self._display}"
+                        f"the refresh lock {self._keys.lock} in Redis at {self._backend.display}"
                         f" stayed held for {wait:g}s"
                     )
                 # Jitter so that waiters do not poll in step; not security-relevant.
@@ -278,21 +264,21 @@ class RedisStore:
             raise
 
     async def _try_lock(self, token: str) -> bool:
-        with self._mapped("take the refresh lock"):
-            ttl_ms = int(self._lock_ttl * 1000)
-            if await self._client.set(self._lock_key, token, nx=True, px=ttl_ms):
+        with self._backend.mapped("take the refresh lock"):
+            ttl_ms = int(self._backend.lock_ttl * 1000)
+            if await self._backend.client.set(self._keys.lock, token, nx=True, px=ttl_ms):
                 return True
             # A SET retried after a lost reply finds our own token: that is the lock, had.
-            return await self._get(self._lock_key) == token.encode()
+            return await self._backend.get(self._keys.lock) == token.encode()
 
     async def _keep_extending(self, token: str) -> None:
         """Renew the lock's TTL every third of it, so a slow refresh never loses it."""
-        ttl_ms = int(self._lock_ttl * 1000)
+        ttl_ms = int(self._backend.lock_ttl * 1000)
         while True:
-            await asyncio.sleep(self._lock_ttl / 3)
+            await asyncio.sleep(self._backend.lock_ttl / 3)
             try:
-                with self._mapped("extend the refresh lock"):
-                    extended = await self._extend(keys=[self._lock_key], args=[token, ttl_ms])
+                with self._backend.mapped("extend the refresh lock"):
+                    extended = await self._extend(keys=[self._keys.lock], args=[token, ttl_ms])
             except StoreError as exc:
                 # Try again at the next tick: the TTL leaves two more chances.
                 log.warning("could not extend the refresh lock: %s", exc.detail)
@@ -300,39 +286,116 @@ class RedisStore:
             if not extended:
                 log.error(
                     "the refresh lock %s expired while held; another instance may refresh too",
-                    self._lock_key,
+                    self._keys.lock,
                 )
                 return
 
     async def _release_quietly(self, token: str) -> None:
         """Compare-and-delete; failures are logged, as the lock expires by its TTL anyway."""
         try:
-            with self._mapped("release the refresh lock"):
-                released = await self._release(keys=[self._lock_key], args=[token])
+            with self._backend.mapped("release the refresh lock"):
+                released = await self._release(keys=[self._keys.lock], args=[token])
         except StoreError as exc:
             log.warning("could not release the refresh lock (it will expire): %s", exc.detail)
             return
         if not released:
-            log.debug("the refresh lock %s was not ours to release", self._lock_key)
+            log.debug("the refresh lock %s was not ours to release", self._keys.lock)
 
-    # The one place redis-py's exceptions become ours.
 
-    @contextmanager
-    def _mapped(self, action: str) -> Iterator[None]:
-        try:
-            yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-            reason = self._reason(exc)
-            raise StoreError(f"cannot reach Redis at {self._display}: {reason}") from None
-        except redis.exceptions.RedisError as exc:
-            reason = self._reason(exc)
-            raise StoreError(f"Redis at {self._display} refused to {action}: {reason}") from None
+class RedisStores:
+    """The `ConnectionStores` of one Redis: one client for every connection, however many.
 
-    def _reason(self, exc: BaseException) -> str:
-        return self._scrub(str(exc).strip() or type(exc).__name__)
+    `<prefix>connections` is the set of names with an entry (`default` is never in it:
+    its key is checked directly), `<prefix>changes` the counter `touch()` increments.
+    """
 
-    def _scrub(self, text: str) -> str:
-        # redis-py's messages name hosts, not passwords; this is the belt to those braces.
-        for secret in self._secrets:
-            text = text.replace(secret, "[secret]")
-        return text[:300]
+    def __init__(self, backend: RedisBackend, *, prefix: str) -> None:
+        self._backend = backend  # owned: close() closes it
+        self._prefix = prefix
+        self._index_key = f"{prefix}{INDEX}"
+        self._marker_key = f"{prefix}{MARKER}"
+
+    @classmethod
+    def from_config(cls, config: Config) -> RedisStores:
+        return cls(RedisBackend.from_config(config), prefix=config_prefix(config))
+
+    def store(self, name: str) -> RedisStore:
+        self._check_open()
+        return RedisStore.sharing(self._backend, prefix=self._prefix, name=_checked(name))
+
+    async def names(self) -> list[str]:
+        self._check_open()
+        client = self._backend.client
+        with self._backend.mapped("list the connections"):
+            members = await client.smembers(self._index_key)
+            names = [DEFAULT_CONNECTION, *sorted(filter(_is_connection, map(_text, members)))]
+            # The entries' own keys decide, as in exists(): an entry evicted or deleted
+            # behind the index's back is not listed.
+            async with client.pipeline(transaction=False) as batch:
+                for name in names:
+                    batch.exists(entry_keys(self._prefix, name).state)
+                found = await batch.execute()
+        return sorted(name for name, there in zip(names, found, strict=True) if there)
+
+    async def exists(self, name: str) -> bool:
+        self._check_open()
+        with self._backend.mapped("read the token state"):
+            state_key = entry_keys(self._prefix, _checked(name)).state
+            return bool(await self._backend.client.exists(state_key))
+
+    async def changed(self) -> str:
+        self._check_open()
+        with self._backend.mapped("read the change marker"):
+            value = await self._backend.get(self._marker_key)
+        return "" if value is None else _text(value)
+
+    async def touch(self) -> None:
+        self._check_open()
+        with self._backend.mapped("update the change marker"):
+            await self._backend.client.incr(self._marker_key)
+
+    async def remove(self, name: str) -> None:
+        self._check_open()
+        with self._backend.mapped("remove the token state"):
+            await self.store(name)._forget(counter=self._marker_key)
+
+    async def verify(self) -> None:
+        """PING, a probe write, and one entry (if any) opens with the key.
+
+        One entry, not all: a wrong key fails every entry alike, while one damaged entry
+        should fail its own connection, not the start-up of all the others.
+        """
+        self._check_open()
+        with self._backend.mapped("read the token state"):
+            name = await self._sample()
+        await self.store(name).verify()
+
+    async def close(self) -> None:
+        await self._backend.close()
+
+    async def _sample(self) -> str:
+        """`default` if it has an entry, else any indexed connection (else `default`)."""
+        client = self._backend.client
+        if await client.exists(entry_keys(self._prefix, DEFAULT_CONNECTION).state):
+            return DEFAULT_CONNECTION
+        member = await client.srandmember(self._index_key)
+        if isinstance(member, bytes | str) and _is_connection(_text(member)):
+            return _text(member)
+        return DEFAULT_CONNECTION
+
+    def _check_open(self) -> None:
+        if self._backend.closed:
+            raise StoreError(f"token stores in Redis at {self._backend.display} are closed")
+
+
+def _checked(name: str) -> str:
+    # Names are validated by the caller; checked again because they become keys.
+    return name if name == DEFAULT_CONNECTION else check_name(name)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else value
+
+
+def _is_connection(name: str) -> bool:
+    return name != DEFAULT_CONNECTION and is_valid_name(name)

@@ -1,5 +1,8 @@
-"""RedisStore: the store contract against a real redis-server, plus the distributed lock's
-TTL and extension, keys shared by instances, no plaintext at rest, and unreachable Redis."""
+"""RedisStore and RedisStores against a real redis-server: the store and connection-stores
+contracts, the distributed lock's TTL and extension, keys shared by instances, the key
+layout and index, one client for every connection, and no plaintext at rest.
+
+Unreachable Redis and passwords in messages are test_redisclient.py's."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import base64
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,11 +20,13 @@ import redis.asyncio as aioredis
 
 from proxy.config import Config, Pleo, Timeouts, TokensConfig
 from proxy.errors import LockTimeout, StoreError
-from proxy.store import open_store
+from proxy.names import DEFAULT_CONNECTION
+from proxy.store import open_store, open_stores
 from proxy.store.crypto import generate_key, key_id
-from proxy.store.redis import RedisStore, display_url, key_prefix
-from tests.processes import free_port
-from tests.redis_server import redis_url, running_redis  # noqa: F401
+from proxy.store.redis import RedisStore, RedisStores, key_prefix
+from proxy.store.redisclient import RedisBackend
+from tests.redis_server import redis_url  # noqa: F401
+from tests.store.connections_contract import STORES_CHECKS, StoresCheck, StoresHarness
 from tests.store.contract import CHECKS, Check, Harness, check_id, sample_state
 
 CHILD_TIMEOUT = 30.0
@@ -38,14 +43,23 @@ class Location:
             self.url, prefix=PREFIX, key_file=self.key_file, key=key, environ={}, lock_ttl=lock_ttl
         )
 
+    def stores(self) -> RedisStores:
+        backend = RedisBackend(self.url, key_file=self.key_file, environ={})
+        return RedisStores(backend, prefix=PREFIX)
+
     def child_setup(self, *, lock_ttl: float = 45.0) -> str:
         # An empty environment mapping: a PLEO_PROXY_KEY in the runner's cannot interfere.
         return (
             "from pathlib import Path\n"
-            "from proxy.store.redis import RedisStore\n"
+            "from proxy.store.redis import RedisStore, RedisStores\n"
+            "from proxy.store.redisclient import RedisBackend\n"
             "async def make_store():\n"
             f"    return RedisStore({self.url!r}, prefix={PREFIX!r},"
             f" key_file=Path({str(self.key_file)!r}), environ={{}}, lock_ttl={lock_ttl!r})\n"
+            "async def make_stores():\n"
+            f"    backend = RedisBackend({self.url!r}, key_file=Path({str(self.key_file)!r}),"
+            f" environ={{}}, lock_ttl={lock_ttl!r})\n"
+            f"    return RedisStores(backend, prefix={PREFIX!r})\n"
         )
 
 
@@ -82,6 +96,135 @@ def harness(location: Location, raw: aioredis.Redis) -> Harness:
 @pytest.mark.parametrize("check", CHECKS, ids=check_id)
 async def test_contract(check: Check, harness: Harness) -> None:
     await asyncio.wait_for(check(harness), 90.0)
+
+
+async def values_at_rest(raw: aioredis.Redis) -> list[bytes]:
+    """Every value in the Redis: strings as they are, sets member by member."""
+    values: list[bytes | str | None] = []
+    async for key in raw.scan_iter():
+        if await raw.type(key) == b"set":
+            values += await raw.smembers(key)
+        else:
+            values.append(await raw.get(key))
+    return [v.encode() if isinstance(v, str) else v for v in values if v is not None]
+
+
+@pytest.fixture
+def stores_harness(location: Location, raw: aioredis.Redis) -> StoresHarness:
+    async def make_stores() -> RedisStores:
+        return location.stores()
+
+    async def make_legacy() -> RedisStore:
+        return location.store()
+
+    async def raw_values() -> list[bytes]:
+        return await values_at_rest(raw)
+
+    return StoresHarness(make_stores, make_legacy, raw_values, location.child_setup())
+
+
+@pytest.mark.parametrize("check", STORES_CHECKS, ids=check_id)
+async def test_connections_contract(check: StoresCheck, stores_harness: StoresHarness) -> None:
+    await asyncio.wait_for(check(stores_harness), 90.0)
+
+
+def names_of(keys: Iterable[bytes | str]) -> list[str]:
+    return sorted(k.decode() if isinstance(k, bytes) else k for k in keys)
+
+
+async def test_key_layout_index_and_marker(location: Location, raw: aioredis.Redis) -> None:
+    stores = location.stores()
+    try:
+        await stores.store(DEFAULT_CONNECTION).save(sample_state(1))
+        await stores.store("acme").save(sample_state(2))
+        await stores.store("globex").save(sample_state(3))
+        await stores.touch()
+        async with stores.store("acme").lock(1.0):
+            keys = names_of(await raw.keys("*"))
+        async with stores.store("globex").lock(1.0):
+            await stores.remove("globex")
+        assert names_of(await raw.smembers(f"{PREFIX}connections")) == ["acme"]
+        assert await raw.get(f"{PREFIX}changes") == b"2"  # one touch, one remove
+        assert await stores.changed() == "2"
+    finally:
+        await stores.close()
+    assert keys == [
+        f"{PREFIX}c:acme:lock",
+        f"{PREFIX}c:acme:state",
+        f"{PREFIX}c:globex:state",
+        f"{PREFIX}changes",
+        f"{PREFIX}connections",
+        f"{PREFIX}state",
+    ]
+
+
+async def test_save_and_delete_touch_the_index_in_one_transaction(
+    location: Location, raw: aioredis.Redis
+) -> None:
+    stores = location.stores()
+    seen: list[str] = []
+    try:
+        async with raw.monitor() as monitor:
+            await stores.store("acme").save(sample_state(1))
+            await stores.store("acme").delete()
+            while len(seen) < 8:
+                command = await asyncio.wait_for(monitor.next_command(), 5.0)
+                verb = command["command"].split()[0].upper()
+                if verb not in {"HELLO", "CLIENT"}:  # the connection's own set-up
+                    seen.append(verb)
+    finally:
+        await stores.close()
+    assert seen == ["MULTI", "SET", "SADD", "EXEC", "MULTI", "DEL", "SREM", "EXEC"]
+
+
+async def test_an_index_entry_without_its_value_is_not_listed(
+    location: Location, raw: aioredis.Redis
+) -> None:
+    stores = location.stores()
+    try:
+        await stores.store("acme").save(sample_state(1))
+        # What eviction or a DEL behind the store's back leaves: a name, no value.
+        await raw.sadd(f"{PREFIX}connections", "ghost", "Not:A:Name")
+        assert await stores.names() == ["acme"]
+        assert not await stores.exists("ghost")
+        await stores.verify()
+    finally:
+        await stores.close()
+
+
+async def test_one_client_connection_for_fifty_connections(
+    location: Location, raw: aioredis.Redis
+) -> None:
+    stores = location.stores()
+    try:
+        for n in range(50):
+            store = stores.store(f"company-{n}")
+            async with store.lock(1.0):
+                await store.save(sample_state(n))
+            assert await store.load() == sample_state(n)
+            await store.close()  # a handle: the shared client stays open
+        await stores.names()
+        clients = await raw.client_list()
+    finally:
+        await stores.close()
+    # Ours and the raw one: a client per connection would make fifty-one.
+    assert len(clients) <= 2, clients
+
+
+async def test_open_stores_default_is_what_open_store_reads(
+    redis_url: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    config = _config(redis_url, tmp_path, client_id="client-one")
+    stores, legacy = open_stores(config), open_store(config)
+    assert isinstance(stores, RedisStores)
+    try:
+        await stores.store(DEFAULT_CONNECTION).save(sample_state(6))
+        assert await legacy.load() == sample_state(6)
+        assert await stores.names() == [DEFAULT_CONNECTION]
+    finally:
+        await stores.close()
+        await legacy.close()
 
 
 HOLD_UNTIL_KILLED = """
@@ -259,74 +402,6 @@ async def test_nothing_readable_at_rest_and_connections_are_kept_apart(
     assert not (tmp_path / "tokens.enc").exists()  # Redis only: no token file
 
 
-async def test_unreachable_redis_is_error_with_the_url_but_no_password(tmp_path: Path) -> None:
-    port = free_port()  # nothing listens there
-    url = f"redis://operator:hunter2-pass@127.0.0.1:{port}/3"
-    store = RedisStore(url, prefix=PREFIX, key_file=tmp_path / "k", environ={}, timeout=2.0)
-    expected = f"cannot reach Redis at redis://127.0.0.1:{port}/3: "
-    started = time.monotonic()
-    try:
-        for action in (store.verify, store.load, store.delete, _lock_once(store)):
-            with pytest.raises(StoreError) as caught:
-                await action()
-            assert not isinstance(caught.value, LockTimeout)
-            assert caught.value.detail.startswith(expected), caught.value.detail
-            assert "hunter2-pass" not in caught.value.detail
-            assert "operator" not in caught.value.detail
-        with pytest.raises(StoreError, match="cannot reach Redis"):
-            await store.save(sample_state(1))
-    finally:
-        await store.close()
-    assert time.monotonic() - started < 20.0  # reported, not retried for long
-
-
-def _lock_once(store: RedisStore) -> Callable[[], Awaitable[None]]:
-    async def take() -> None:
-        async with store.lock(5.0):
-            pytest.fail("took a lock on a Redis that is not there")
-
-    return take
-
-
-async def test_wrong_password_is_error_without_the_password(tmp_path: Path) -> None:
-    with running_redis("--requirepass", "right-password", password="right-password") as server:
-        url = f"redis://:wrong-password@127.0.0.1:{server.port}/0"
-        store = RedisStore(url, prefix=PREFIX, key_file=tmp_path / "k", environ={})
-        try:
-            with pytest.raises(StoreError) as caught:
-                await store.verify()
-        finally:
-            await store.close()
-        good = RedisStore(
-            f"redis://:right-password@127.0.0.1:{server.port}/0",
-            prefix=PREFIX,
-            key_file=tmp_path / "k",
-            environ={},
-        )
-        try:
-            await good.verify()
-            await good.save(sample_state(2))
-            assert await good.load() == sample_state(2)
-        finally:
-            await good.close()
-    assert f"redis://127.0.0.1:{server.port}/0" in caught.value.detail
-    assert "password" not in caught.value.detail.replace("username-password", "")
-    assert "wrong-password" not in caught.value.detail
-
-
-@pytest.mark.parametrize(
-    ("url", "shown"),
-    [
-        ("redis://u:p@db.example:6380/2", "redis://db.example:6380/2"),
-        ("rediss://:p@[::1]/0", "rediss://[::1]:6379/0"),
-        ("redis://localhost", "redis://localhost:6379/0"),
-        ("unix:///run/redis.sock?db=1&password=p", "unix:///run/redis.sock?db=1"),
-    ],
-)
-def test_display_url_drops_credentials(url: str, shown: str) -> None:
-    assert display_url(url) == shown
-
-
 async def test_closed_store_refuses_use(location: Location) -> None:
     store = location.store()
     await store.close()
@@ -335,3 +410,23 @@ async def test_closed_store_refuses_use(location: Location) -> None:
         await store.load()
     with pytest.raises(StoreError, match="closed"):
         store.lock(1.0)
+
+
+async def test_verify_reports_a_connection_sealed_under_another_key(location: Location) -> None:
+    sealer, configured = generate_key(), generate_key()
+    writer = RedisStores(
+        RedisBackend(location.url, key_file=location.key_file, key=sealer), prefix=PREFIX
+    )
+    reader = RedisStores(
+        RedisBackend(location.url, key_file=location.key_file, key=configured), prefix=PREFIX
+    )
+    try:
+        await writer.store("acme").save(sample_state(1))
+        with pytest.raises(StoreError) as caught:
+            await reader.verify()
+    finally:
+        await writer.close()
+        await reader.close()
+    assert "token state in Redis for connection acme" in caught.value.detail
+    assert key_id(sealer) in caught.value.detail
+    assert key_id(configured) in caught.value.detail
