@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from proxy.errors import StoreError
 from proxy.names import DEFAULT_CONNECTION, check_name, is_valid_name
-from proxy.store.crypto import format_key, generate_key, key_id, key_source, sealed_key_id
+from proxy.store.crypto import (
+    check_envelope,
+    format_key,
+    generate_key,
+    key_id,
+    key_source,
+    sealed_key_id,
+)
 from proxy.store.file import (
     FileBackend,
     FileStore,
@@ -149,12 +156,18 @@ class FileStores:
         check_writable(self._default_path.parent)
         check_writable(self._directory)
         names = self._names_sync()
+        sample = None
+        if names:
+            sample = DEFAULT_CONNECTION if DEFAULT_CONNECTION in names else names[0]
+            # The envelope first: a foreign or damaged file is reported as such, not as
+            # a missing key.
+            blob = _read_sync(self.path(sample))
+            if blob is not None:
+                check_envelope(blob, what=f"token file {self.path(sample)}")
         # No entry yet: the key may be created. With entries it must already exist, or
         # a new key would be made that opens none of them.
         self._backend.keys(create=not names)
-        if not names:
-            return None
-        return DEFAULT_CONNECTION if DEFAULT_CONNECTION in names else names[0]
+        return sample
 
     def _stale_sync(self, kid: str) -> list[str]:
         """The connections whose entry is not sealed under the key with id `kid`."""
@@ -169,6 +182,15 @@ class FileStores:
             if sealed_key_id(blob, what=f"token file {self.path(name)}") != kid:
                 stale.append(name)
         return stale
+
+
+def _read_sync(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"cannot read token file {path}: {exc.strerror}") from None
 
 
 def _is_connection(name: str) -> bool:

@@ -107,7 +107,7 @@ async def test_traffic_is_counted_by_method_status_class_and_bytes() -> None:
     assert samples[("pleo_proxy_in_flight_requests", ())] == 1
     # No label holds request data: only method, status class and fixed words.
     label_names = {name for _, labels in samples for name, _ in labels}
-    assert label_names <= {"method", "status_class", "reason", "result", "outcome", "le"}
+    assert label_names <= {"method", "status_class", "reason", "result", "outcome", "state", "le"}
     label_values = {value for _, labels in samples for _, value in labels}
     assert not any("expenses" in v or "dav" in v or "evil" in v for v in label_values)
 
