@@ -258,6 +258,9 @@ class Authoriser:
         code = query.get("code")
         if not code:
             raise pages.Refused(pages.MISSING_CODE, retry=True)
+        if await self._registry.find(flow.connection) is None:
+            # Deleted while the customer was at Pleo: the sign-in must not bring it back.
+            raise pages.Refused(pages.UNKNOWN_CONNECTION)
         tokens = await self._exchange(Secret(code), flow)
         subject, company = await self._identify(tokens)
         try:

@@ -41,7 +41,9 @@ def _has_admin_key(request: web.Request) -> bool:
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if key is None or scheme.lower() != "bearer":
         return False
-    return hmac.compare_digest(given.strip().encode(), key.reveal().encode())
+    # surrogateescape: aiohttp hands non-UTF-8 header bytes over as lone surrogates.
+    presented = given.strip().encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(presented, key.reveal().encode())
 
 
 def admin_only(handler: Handler) -> Handler:

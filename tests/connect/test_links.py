@@ -399,11 +399,6 @@ async def test_one_callback_serves_every_connection_in_any_order(
         assert (await world.shown("first"))["company"] != (await world.shown("second"))["company"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: Registry.delete leaves the connection's pending flows in the"
-    " Authoriser, and the callback's Registry.install re-creates the deleted connection",
-)
 async def test_a_pending_flow_does_not_bring_back_a_deleted_connection(
     sandbox: RunningSandbox, tmp_path: Path
 ) -> None:
