@@ -114,9 +114,10 @@ class Registry:
         self._background = background
         await self._stores.verify()
         self._marker = await self._stores.changed()
-        names = set(self.configured) | set(await self._stores.names())
-        for name in sorted(names):
-            await self._load(name)
+        for name in sorted(self.configured):
+            await self._load(name)  # a configured connection that cannot load stops start-up
+        for name in sorted(set(await self._stores.names()) - self.configured):
+            await self._load_quietly(name)
         if background:
             self._watcher = asyncio.create_task(self._watch(), name="connections-watch")
 
@@ -182,6 +183,18 @@ class Registry:
         if len(self._misses) >= MAX_MISSES:
             self._misses.clear()
         self._misses[name] = now
+
+    async def _load_quietly(self, name: str) -> None:
+        """Load a connection made at run time; one that cannot be read harms no other."""
+        try:
+            await self._load(name)
+        except StoreError as exc:
+            log.error(
+                "connection %s cannot be loaded: %s",
+                name,
+                exc.detail,
+                extra={"fields": {"event": "connection.unreadable", "connection": name}},
+            )
 
     async def _load(self, name: str) -> TokenManager:
         """Single-flight: concurrent first uses of one name share one manager."""
@@ -322,9 +335,12 @@ class Registry:
         self._marker = marker
         present = set(await self._stores.names())
         for name in sorted(present - set(self._managers)):
-            await self._load(name)
-        for name in sorted(set(self._managers) - present - self.configured):
-            await self._drop(name)
+            await self._load_quietly(name)
+        for name in sorted(set(self._managers) - present):
+            manager = self._managers[name]
+            # A configured connection stays; it only forgets tokens deleted elsewhere.
+            if name not in self.configured or manager.stored is not None:
+                await self._drop(name)
         for manager in self.managers():
             if manager.state in (TokenState.UNAUTHORISED, TokenState.REAUTHORIZATION_REQUIRED):
                 await manager.reread()

@@ -108,11 +108,7 @@ class FileStores:
         await self.touch()
 
     async def verify(self) -> None:
-        """Both directories writable; the key usable, and one entry (if any) opens with it.
-
-        One entry, not all: a wrong key fails every entry alike, while one damaged entry
-        should fail its own connection, not the start-up of all the others.
-        """
+        """Both directories writable; the key usable; `default`'s entry (if any) opens."""
         self._check_open()
         sample = await asyncio.to_thread(self._verify_sync)
         if sample is not None:
@@ -157,8 +153,10 @@ class FileStores:
         check_writable(self._directory)
         names = self._names_sync()
         sample = None
-        if names:
-            sample = DEFAULT_CONNECTION if DEFAULT_CONNECTION in names else names[0]
+        # Only `default`'s entry, as before connections: a damaged entry of a connection
+        # made at run time fails that connection when used, never the others' start-up.
+        if DEFAULT_CONNECTION in names:
+            sample = DEFAULT_CONNECTION
             # The envelope first: a foreign or damaged file is reported as such, not as
             # a missing key.
             blob = _read_sync(self.path(sample))

@@ -360,28 +360,16 @@ class RedisStores:
             await self.store(name)._forget(counter=self._marker_key)
 
     async def verify(self) -> None:
-        """PING, a probe write, and one entry (if any) opens with the key.
+        """PING, a probe write, and the `default` entry (if any) opens with the key.
 
-        One entry, not all: a wrong key fails every entry alike, while one damaged entry
-        should fail its own connection, not the start-up of all the others.
+        Only `default`'s, as before connections: a damaged entry of a connection made at
+        run time fails that connection when it is used, never the start-up of the others.
         """
         self._check_open()
-        with self._backend.mapped("read the token state"):
-            name = await self._sample()
-        await self.store(name).verify()
+        await self.store(DEFAULT_CONNECTION).verify()
 
     async def close(self) -> None:
         await self._backend.close()
-
-    async def _sample(self) -> str:
-        """`default` if it has an entry, else any indexed connection (else `default`)."""
-        client = self._backend.client
-        if await client.exists(entry_keys(self._prefix, DEFAULT_CONNECTION).state):
-            return DEFAULT_CONNECTION
-        member = await client.srandmember(self._index_key)
-        if isinstance(member, bytes | str) and _is_connection(_text(member)):
-            return _text(member)
-        return DEFAULT_CONNECTION
 
     def _check_open(self) -> None:
         if self._backend.closed:

@@ -174,16 +174,23 @@ async def test_verify_with_entries_but_no_key_makes_no_key(paths: Paths) -> None
     await stores.close()
 
 
-async def test_verify_reports_an_entry_sealed_under_another_key(paths: Paths) -> None:
+async def test_verify_checks_default_and_leaves_other_connections_to_their_use(
+    paths: Paths,
+) -> None:
     sealer, configured = generate_key(), generate_key()
     writer = paths.stores(sealer)
     await writer.store("acme").save(sample_state(1))
-    await writer.close()
     stores = paths.stores(configured)
+    await stores.verify()  # one customer's entry never stops the start-up
+    with pytest.raises(StoreError) as caught:
+        await stores.store("acme").load()
+    assert key_id(sealer) in caught.value.detail
+    assert str(paths.entry("acme")) in caught.value.detail
+    await writer.store(DEFAULT_CONNECTION).save(sample_state(2))
+    await writer.close()
     with pytest.raises(StoreError) as caught:
         await stores.verify()
     assert key_id(sealer) in caught.value.detail
-    assert str(paths.entry("acme")) in caught.value.detail
     await stores.close()
 
 

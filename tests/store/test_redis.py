@@ -412,7 +412,9 @@ async def test_closed_store_refuses_use(location: Location) -> None:
         store.lock(1.0)
 
 
-async def test_verify_reports_a_connection_sealed_under_another_key(location: Location) -> None:
+async def test_verify_checks_default_and_leaves_other_connections_to_their_use(
+    location: Location,
+) -> None:
     sealer, configured = generate_key(), generate_key()
     writer = RedisStores(
         RedisBackend(location.url, key_file=location.key_file, key=sealer), prefix=PREFIX
@@ -422,11 +424,16 @@ async def test_verify_reports_a_connection_sealed_under_another_key(location: Lo
     )
     try:
         await writer.store("acme").save(sample_state(1))
+        await reader.verify()  # one customer's entry never stops the start-up
+        with pytest.raises(StoreError) as caught:
+            await reader.store("acme").load()
+        assert "token state in Redis for connection acme" in caught.value.detail
+        assert key_id(sealer) in caught.value.detail
+        await writer.store("default").save(sample_state(2))
         with pytest.raises(StoreError) as caught:
             await reader.verify()
     finally:
         await writer.close()
         await reader.close()
-    assert "token state in Redis for connection acme" in caught.value.detail
     assert key_id(sealer) in caught.value.detail
     assert key_id(configured) in caught.value.detail
