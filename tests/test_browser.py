@@ -7,6 +7,9 @@ exercised the way a browser applies them against the real Pleo.
 
 from __future__ import annotations
 
+import asyncio
+import re
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,7 +21,17 @@ from playwright.async_api import Browser, Page, Request, async_playwright
 
 from proxy.lifecycle.manager import TokenState
 from tests.connect.test_authorise import TIMEOUT, FakeClock, Proxy, free_port, running_proxy
+from tests.connections import (
+    connections_config,
+    distinct_companies,
+    get_json,
+    give_tokens,
+    serving,
+    url_of,
+    write_connections_config,
+)
 from tests.flows import sandbox_config
+from tests.processes import cli
 from tests.sandboxes import RunningSandbox, sandbox, set_knobs
 
 __all__ = ["sandbox"]
@@ -191,3 +204,62 @@ async def test_browser_cross_site_form_post_is_refused(
             assert (await response.json())["error"] == "cross_site_request"
         assert not await page.context.cookies(), "no flow was started"
         assert proxy.state() is TokenState.UNAUTHORISED
+
+
+async def test_a_connection_made_while_traffic_flows_is_connected_in_the_browser(
+    sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    """`pleo-proxy connect` in another process while the proxy serves another customer;
+    the customer opens the link in Chromium, consents at Pleo, and the new connection
+    serves at once: no restart, and the traffic in the meantime never failed."""
+    config = connections_config(sandbox.url, tmp_path, names=[("existing", None)])
+    await distinct_companies(sandbox.url, config)
+    await give_tokens(config, ["existing"])
+    await set_knobs(sandbox.url, auto_approve=False)  # the customer consents by hand
+    config_file = write_connections_config(tmp_path / "c.yaml", config)
+    main = url_of(config).replace("127.0.0.1", "localhost")
+    statuses: Counter[int] = Counter()
+    stop_traffic = asyncio.Event()
+
+    async def traffic() -> None:
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as client:
+            while not stop_traffic.is_set():
+                async with client.get(f"{main}/c/existing/v1/introspect") as resp:
+                    statuses[resp.status] += 1
+
+    async with serving(config), chromium() as browser:
+        flowing = asyncio.create_task(traffic())
+        try:
+            code, out, err = await asyncio.to_thread(
+                cli, "connect", "newcustomer", "--config", str(config_file)
+            )
+            assert code == 0, err
+            context = await browser.new_context()
+            page = await context.new_page()
+            page.set_default_timeout(STEP_TIMEOUT_MS)
+            response = await page.goto(out.strip())
+            assert response is not None
+            assert response.status == 200
+            await page.get_by_role("button", name="Continue to Pleo").click()
+            await page.get_by_role("button", name="Approve").click()
+            await page.get_by_role("heading", name=re.compile("^Connected to ")).wait_for()
+            await expect_text(page, f"{url_of(config)}/c/newcustomer")
+            await context.close()
+            async with aiohttp.ClientSession(timeout=TIMEOUT) as client:
+                status, body = await get_json(
+                    client,
+                    f"{main}/v1/introspect",
+                    headers={"X-Pleo-Connection": "newcustomer"},
+                )
+                assert status == 200, body
+                _, existing = await get_json(client, f"{main}/c/existing/v1/introspect")
+            assert body["data"]["subjectURN"] != existing["data"]["subjectURN"]
+        finally:
+            stop_traffic.set()
+            await flowing
+    assert set(statuses) == {200}, statuses
+    assert statuses[200] > 10
+
+
+async def expect_text(page: Page, text: str) -> None:
+    await page.get_by_text(text).first.wait_for()
