@@ -173,7 +173,7 @@ def _run(config: Config, args: argparse.Namespace) -> int:
         from proxy.ops.workers import supervise
 
         return supervise(args.config, workers, log_format=args.log_format)
-    from proxy.http.app import serve
+    from proxy.http.serve import serve
     from proxy.ops.workers import announce_ready
 
     def listening(addresses: list[tuple[str, int]]) -> None:

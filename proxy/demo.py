@@ -19,7 +19,7 @@ import aiohttp
 
 from proxy.config import Config, Listen, Pleo, TokensConfig
 from proxy.connect.authorise import read_authorize_url
-from proxy.http.app import serve
+from proxy.http.serve import serve
 from proxy.sandbox import SandboxSettings, start_sandbox
 from proxy.secret import Secret
 

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from proxy.cli_tokens import with_registry
 from proxy.config import Admin, Config, Connections, ConnectionSpec, Events, Listen
-from proxy.http.app import serve
+from proxy.http.serve import serve
 from proxy.lifecycle.registry import Registry
 from proxy.secret import Secret
 from tests.flows import grant_tokens, sandbox_config

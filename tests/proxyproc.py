@@ -24,7 +24,8 @@ from typing import Any
 from aiohttp.test_utils import TestServer
 
 from proxy.config import Config, Listen, Pleo, Refresh, Timeouts, TokensConfig
-from proxy.http.app import build_app, serve
+from proxy.http.app import build_app
+from proxy.http.serve import serve
 from proxy.lifecycle.credentials import CredentialSource
 from proxy.secret import Secret
 

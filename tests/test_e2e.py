@@ -23,7 +23,7 @@ import aiohttp
 from proxy.config import Config, load_config
 from proxy.connect.authorise import read_authorize_url
 from proxy.demo import walk_authorisation
-from proxy.http.app import serve
+from proxy.http.serve import serve
 from proxy.store.file import FileStore
 from tests.flows import sandbox_config
 from tests.processes import (

@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 
 from proxy.config import Config, Timeouts, load_config
-from proxy.http.app import serve
+from proxy.http.serve import serve
 from proxy.lifecycle import oauth
 from proxy.store.crypto import format_key, generate_key
 from proxy.store.file import FileStore

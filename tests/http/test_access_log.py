@@ -15,7 +15,7 @@ import pytest
 
 from proxy.config import Config
 from proxy.http.access_log import REQUEST_ID_HEADER, access_logger
-from proxy.http.app import serve
+from proxy.http.serve import serve
 from proxy.ops.logs import log_handler
 from tests.proxyproc import RecordingCredentials, proxy_config
 from tests.upstreams import dead_port, run_echo_upstream

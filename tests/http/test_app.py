@@ -22,8 +22,9 @@ from cryptography.x509.oid import NameOID
 
 from proxy.config import Pleo, Timeouts, TokensConfig
 from proxy.errors import ReauthorizationRequired
-from proxy.http.app import build_app, serve
+from proxy.http.app import build_app
 from proxy.http.keys import CREDENTIALS_KEY, UPSTREAM_SESSION_KEY
+from proxy.http.serve import serve
 from proxy.lifecycle.credentials import ApiKeySource
 from proxy.secret import Secret
 from tests.proxyproc import (

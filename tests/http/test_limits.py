@@ -17,8 +17,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from proxy.config import Config, Limits
-from proxy.http.app import build_app, serve
+from proxy.http.app import build_app
 from proxy.http.limits import server_limits
+from proxy.http.serve import serve
 from tests.proxyproc import RawResponse, RecordingCredentials, proxy_config, raw_http
 from tests.upstreams import EchoUpstream, upstream
 

@@ -12,7 +12,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Config
-from proxy.http.app import serve
+from proxy.http.serve import serve
 from proxy.lifecycle.manager import TokenEvents
 from proxy.ops.metrics import Metrics, method_label, status_class
 from tests.proxyproc import RecordingCredentials, proxy_config

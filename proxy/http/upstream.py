@@ -1,0 +1,71 @@
+"""The one upstream `ClientSession`: raw bytes both ways, no cookies, no headers of its own.
+
+Owns the pool's bounds, the trust store (plus `pleo.ca_file`) and the environment proxy
+for the API host, read once. Must not retry, decompress, or read `~/.netrc`.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from proxy.config import Config
+from proxy.http.keys import CONFIG_KEY, UPSTREAM_SESSION_KEY
+
+# Upstream pool: enough for bursts of concurrent API calls, small enough to be polite.
+UPSTREAM_CONNECTION_LIMIT = 100
+UPSTREAM_KEEPALIVE_SECONDS = 30.0
+# The client adds none of its own: the upstream sees what our client sent.
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept-Encoding", "Content-Type")
+
+
+def upstream_ssl_context(config: Config) -> ssl.SSLContext:
+    """The system trust store, plus `pleo.ca_file` (a corporate TLS-inspecting CA) if set."""
+    context = ssl.create_default_context()
+    if config.pleo.ca_file is not None:
+        context.load_verify_locations(cafile=str(config.pleo.ca_file))
+    return context
+
+
+def environment_proxy(api_url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+    """The proxy HTTPS_PROXY/HTTP_PROXY name for `api_url`, unless NO_PROXY excludes it."""
+    try:
+        return aiohttp.helpers.get_env_proxy_for_url(URL(api_url))
+    except LookupError:
+        return None, None
+
+
+def upstream_session(config: Config) -> aiohttp.ClientSession:
+    """The one upstream session: raw bytes, no cookies, no headers of its own."""
+    env_proxy, env_proxy_auth = environment_proxy(config.pleo.api_url)
+    connector = aiohttp.TCPConnector(
+        limit=UPSTREAM_CONNECTION_LIMIT,
+        keepalive_timeout=UPSTREAM_KEEPALIVE_SECONDS,
+        ssl=upstream_ssl_context(config),
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        # HTTPS_PROXY / NO_PROXY are read once here, not per request: trust_env would
+        # also consult ~/.netrc on every request, and a netrc entry for the API host
+        # collides with the Authorization header we set (every request would fail).
+        trust_env=False,
+        proxy=env_proxy,
+        proxy_auth=env_proxy_auth,
+        # Set-Cookie must reach the client, never be replayed by us on others' requests.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=SKIP_AUTO_HEADERS,
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=config.timeouts.connect, sock_read=config.timeouts.read
+        ),
+    )
+
+
+async def upstream_session_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with upstream_session(app[CONFIG_KEY]) as session:
+        app[UPSTREAM_SESSION_KEY] = session
+        yield
