@@ -20,7 +20,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.config import Config
-from proxy.connect import flows as flow_rules, pages, pkce
+from proxy.connect import flows as flow_rules, messages, pages, pkce
 from proxy.connect.flows import (
     FLOW_LIFETIME,
     MAX_PENDING_FLOWS as MAX_PENDING_FLOWS,
@@ -36,12 +36,12 @@ from proxy.connect.urlfile import (
 )
 from proxy.errors import ClientRejected, OAuthError, ProxyError, TransientOAuthError
 from proxy.http.keys import CLOCK_KEY, CONFIG_KEY, REGISTRY_KEY, UPSTREAM_SESSION_KEY
-from proxy.lifecycle import oauth
+from proxy.lifecycle.grants import NewGrant, authorize_redirect, grant_from_code
 from proxy.lifecycle.manager import TokenManager, TokenState
 from proxy.lifecycle.registry import Registry, code_hash
 from proxy.names import DEFAULT_CONNECTION
 from proxy.secret import Secret
-from proxy.tokenset import Link, TokenSet
+from proxy.tokenset import Link
 from proxy.urls import (
     authorise_page_url,
     callback_reaches_proxy,
@@ -175,20 +175,20 @@ class Authoriser:
         """Raise Refused unless the page may be used with `given`; the link it matched."""
         manager = await self._registry.find(connection)
         if manager is None:
-            raise pages.Refused(pages.UNKNOWN_CONNECTION)
+            raise messages.Refused(messages.UNKNOWN_CONNECTION)
         if manager.state in CONNECTED_STATES:
-            raise pages.Refused(pages.ALREADY_CONNECTED)
+            raise messages.Refused(messages.ALREADY_CONNECTED)
         if given is None:
-            raise pages.Refused(pages.NOT_ALLOWED)
+            raise messages.Refused(messages.NOT_ALLOWED)
         own = self._codes.get(connection)
         if own is not None and hmac.compare_digest(given.encode(), own.encode()):
             return None
         # A link made by another process since we last looked: read the store now.
         link = await manager.stored_link()
         if link is None or not hmac.compare_digest(code_hash(given), link.code_hash):
-            raise pages.Refused(pages.NOT_ALLOWED)
+            raise messages.Refused(messages.NOT_ALLOWED)
         if link.expires_at <= self._clock():
-            raise pages.Refused(pages.LINK_EXPIRED)
+            raise messages.Refused(messages.LINK_EXPIRED)
         return link
 
     def view(self, connection: str, code: str) -> pages.AuthoriseView:
@@ -219,24 +219,22 @@ class Authoriser:
         return_to = link.return_to if link is not None else None
         flow = Flow(connection, Secret(verifier), Secret(binding), expires_at, return_to)
         self._flows_of(connection).add(state, flow)
-        location = oauth.build_authorize_url(
-            self._config.pleo, state=state, code_challenge=pkce.challenge_s256(verifier)
-        )
+        location = authorize_redirect(self._config, state=state, verifier=verifier)
         return FlowStart(location, state, binding, int(FLOW_LIFETIME))
 
     def take_flow(self, state: str | None, cookies: Mapping[str, str]) -> Flow:
         """The flow `state` names, used up; only if this browser holds its cookie."""
         if not state:
-            raise pages.Refused(pages.MISSING_STATE)
+            raise messages.Refused(messages.MISSING_STATE)
         connection = flow_rules.connection_of(state)
         flows = self._flows.get(connection) if connection is not None else None
         flow = flows.peek(state) if flows is not None else None
         if flows is None or flow is None:
-            raise pages.Refused(pages.UNKNOWN_STATE)
+            raise messages.Refused(messages.UNKNOWN_STATE)
         cookie = cookies.get(flow_cookie_name(state), "")
         # Checked before the flow is used up: a request without the cookie cannot burn it.
         if not hmac.compare_digest(cookie.encode(), flow.binding.reveal().encode()):
-            raise pages.Refused(pages.NO_COOKIE)
+            raise messages.Refused(messages.NO_COOKIE)
         flows.discard(state)
         return flow
 
@@ -245,7 +243,7 @@ class Authoriser:
         flow = self.take_flow(query.get("state"), cookies)
         try:
             company = await self._finish(flow, query)
-        except pages.Refused as refused:
+        except messages.Refused as refused:
             refused.connection, refused.return_to = flow.connection, flow.return_to
             raise
         self._invalidate(flow.connection)
@@ -254,55 +252,37 @@ class Authoriser:
     async def _finish(self, flow: Flow, query: Mapping[str, str]) -> str | None:
         error = query.get("error")
         if error is not None:
-            raise pages.authorization_error(error)
+            raise messages.authorization_error(error)
         code = query.get("code")
         if not code:
-            raise pages.Refused(pages.MISSING_CODE, retry=True)
+            raise messages.Refused(messages.MISSING_CODE, retry=True)
         if await self._registry.find(flow.connection) is None:
             # Deleted while the customer was at Pleo: the sign-in must not bring it back.
-            raise pages.Refused(pages.UNKNOWN_CONNECTION)
-        tokens = await self._exchange(Secret(code), flow)
-        subject, company = await self._identify(tokens)
+            raise messages.Refused(messages.UNKNOWN_CONNECTION)
+        grant = await self._exchange(Secret(code), flow)
         try:
             await self._registry.install(
-                flow.connection, tokens, subject=subject, company_name=company
+                flow.connection,
+                grant.tokens,
+                subject=grant.subject,
+                company_name=grant.company_name,
             )
         except ProxyError as exc:
             logger.error("could not install the new tokens: %s", exc.code)
-            raise pages.Refused(pages.SAVE_FAILED, retry=True) from None
-        return company
+            raise messages.Refused(messages.SAVE_FAILED, retry=True) from None
+        return grant.company_name
 
-    async def _exchange(self, code: Secret, flow: Flow) -> TokenSet:
+    async def _exchange(self, code: Secret, flow: Flow) -> NewGrant:
         try:
-            return await oauth.exchange_code(
-                self._session,
-                self._config.pleo,
-                code=code,
-                code_verifier=flow.verifier.reveal(),
-                timeout=self._config.timeouts.token_request,
-                now=self._clock(),
+            return await grant_from_code(
+                self._session, self._config, code=code, verifier=flow.verifier, now=self._clock()
             )
         except ClientRejected:
-            raise pages.Refused(pages.CLIENT_REJECTED) from None
+            raise messages.Refused(messages.CLIENT_REJECTED) from None
         except TransientOAuthError:
-            raise pages.Refused(pages.PLEO_UNAVAILABLE, retry=True) from None
+            raise messages.Refused(messages.PLEO_UNAVAILABLE, retry=True) from None
         except OAuthError:  # invalid_grant: the code expired, was used, or does not match
-            raise pages.Refused(pages.CODE_REFUSED, retry=True) from None
-
-    async def _identify(self, tokens: TokenSet) -> tuple[str | None, str | None]:
-        """Best effort: which company the grant is for. Failure does not fail the sign-in."""
-        bearer = Secret(f"{tokens.token_type} {tokens.access_token.reveal()}")
-        try:
-            subject = await oauth.introspect(
-                self._session,
-                self._config.pleo,
-                authorization=bearer,
-                timeout=self._config.timeouts.token_request,
-            )
-        except ProxyError as exc:
-            logger.warning("could not look up the connected company: %s", exc.code)
-            return None, None
-        return subject.subject_urn, subject.company_name
+            raise messages.Refused(messages.CODE_REFUSED, retry=True) from None
 
     def retry_url(self, connection: str | None) -> str | None:
         name = connection or DEFAULT_CONNECTION

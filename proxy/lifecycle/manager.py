@@ -27,6 +27,8 @@ from proxy.errors import (
     StoreError,
     TransientOAuthError,
 )
+from proxy.lifecycle import entries
+from proxy.lifecycle.background import keep_fresh
 from proxy.lifecycle.refresh import GrantEnded, NothingToRefresh, Refreshed, RefreshSequence
 from proxy.lifecycle.rules import (
     BACKGROUND_TICK as BACKGROUND_TICK,
@@ -40,8 +42,9 @@ from proxy.lifecycle.rules import (
     TokenState as TokenState,
     backoff_delay as backoff_delay,
     bearer as bearer,
-    iso_utc,
+    refresh_due,
     refresh_margin as refresh_margin,
+    status_body,
 )
 from proxy.names import DEFAULT_CONNECTION
 from proxy.secret import Secret
@@ -84,13 +87,17 @@ class TokenManager:
         self._client_rejected: str | None = None
         self._last_transient: str | None = None
         self._started = False
-        self._poll_store = True
+        self.poll_store = True
         self._page_url = authorise_page_url(config, name)
 
     def use_timeouts(self, timeouts: Timeouts) -> None:
         """Timeouts from a reloaded configuration (token requests and lock waits)."""
         self._config = dataclasses.replace(self._config, timeouts=timeouts)
         self._sequence.config = self._config
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self._clock
 
     @property
     def page_url(self) -> str:
@@ -157,7 +164,7 @@ class TokenManager:
         """
         if verify:
             await self._store.verify()
-        self._poll_store = poll_store
+        self.poll_store = poll_store
         stored = await self._store.load()
         self._last_reread = self._clock()
         self._adopt(stored)
@@ -170,7 +177,7 @@ class TokenManager:
             log.warning("a refresh was in progress when the proxy last stopped")
         self._started = True
         if background:
-            self._task = asyncio.create_task(self._background(), name="token-refresh")
+            self._task = asyncio.create_task(keep_fresh(self), name="token-refresh")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -225,13 +232,13 @@ class TokenManager:
     async def _usable_tokens(self) -> TokenSet:
         tokens = self.tokens
         if tokens is None:
-            await self._reread_if_due()
+            await self.reread_if_due()
             tokens = self.tokens
         if tokens is None:
             raise self._reauth_error()
         return tokens
 
-    async def _reread_if_due(self) -> None:
+    async def reread_if_due(self) -> None:
         """Pick up tokens another instance stored (at most once a second)."""
         now = self._clock()
         if now - self._last_reread < REREAD_INTERVAL:
@@ -351,6 +358,10 @@ class TokenManager:
 
     # -- installing and removing ---------------------------------------------------
 
+    @property
+    def _lock_timeout(self) -> float:
+        return self._config.timeouts.token_request + 10
+
     async def install(
         self,
         tokens: TokenSet,
@@ -361,17 +372,15 @@ class TokenManager:
     ) -> None:
         """Persist freshly granted tokens (after the authorise callback) and become authorised."""
         self._require_started()
-        async with self._store.lock(self._config.timeouts.token_request + 10):
-            previous = await self._store.load()
-            state = StoredState(
-                tokens=tokens,
-                subject=subject,
-                company_name=company_name,
-                obtained_at=self._clock(),
-                generation=(previous.generation + 1) if previous else 1,
-                extra=dict(extra or {}),
-            )
-            await self._store.save(state)
+        state = await entries.write_grant(
+            self._store,
+            tokens,
+            lock_timeout=self._lock_timeout,
+            now=self._clock(),
+            subject=subject,
+            company_name=company_name,
+            extra=extra,
+        )
         self._client_rejected = None
         # Not counted as use: proactive refresh starts once clients send requests.
         self._adopt(state)
@@ -383,27 +392,19 @@ class TokenManager:
         `keep_entry` leaves an empty entry, so a connection that exists only in the
         store (created at run time) is still known afterwards.
         """
-        async with self._store.lock(self._config.timeouts.token_request + 10):
-            if keep_entry:
-                previous = await self._store.load()
-                empty = StoredState(generation=(previous.generation + 1) if previous else 1)
-                await self._store.save(empty)
-            else:
-                await self._store.delete()
-        self._adopt(StoredState() if keep_entry else None)
+        if keep_entry:
+            self._adopt(await entries.write_empty(self._store, lock_timeout=self._lock_timeout))
+            return
+        await entries.delete_entry(self._store, lock_timeout=self._lock_timeout)
+        self._adopt(None)
 
     async def save_link(self, link: Link) -> None:
         """Store a new connect link (replacing any earlier one); tokens stay as they are."""
-        async with self._store.lock(self._config.timeouts.token_request + 10):
-            previous = await self._store.load()
-            state = (previous or StoredState()).evolve(link=link)
-            await self._store.save(state)
-        self._adopt(state)
+        self._adopt(await entries.write_link(self._store, link, lock_timeout=self._lock_timeout))
 
     async def forget(self) -> None:
         """Delete the entry under this connection's lock (no refresh is half done then)."""
-        async with self._store.lock(self._config.timeouts.token_request + 10):
-            await self._store.delete()
+        await entries.delete_entry(self._store, lock_timeout=self._lock_timeout)
         self._adopt(None)
 
     async def reload(self) -> None:
@@ -422,33 +423,10 @@ class TokenManager:
         """When the background task should refresh next, or None while unauthorised."""
         if self._sequence.unsaved is not None:
             return now  # retry the write of the only live tokens
-        stored = self._stored
-        if stored is None or stored.tokens is None or stored.reauth_reason is not None:
-            return None
-        tokens = stored.tokens
-        since = stored.last_refresh_at or stored.obtained_at or now
-        due = since + self._config.refresh.keepalive
-        # Proactive refresh only for a connection in use within the last token lifetime.
-        if now - self._last_used <= tokens.lifetime:
-            margin = refresh_margin(tokens, self._config.refresh.before_expiry)
-            due = min(due, tokens.expires_at - margin)
-        return due
+        return refresh_due(self._stored, self._config.refresh, now=now, last_used=self._last_used)
 
-    async def _background(self) -> None:
-        while True:
-            now = self._clock()
-            due = self.next_refresh_at(now)
-            if due is None:
-                if self._poll_store:
-                    await self._reread_if_due()
-                await asyncio.sleep(BACKGROUND_TICK)
-                continue
-            if due > now:
-                await asyncio.sleep(min(due - now, BACKGROUND_TICK))
-                continue
-            await self._background_refresh()
-
-    async def _background_refresh(self) -> None:
+    async def refresh_in_background(self) -> None:
+        """The due proactive or keep-alive refresh; failures are logged, then waited out."""
         stored = self._stored
         if stored is None or stored.tokens is None:
             return
@@ -469,26 +447,9 @@ class TokenManager:
 
     def status(self) -> dict[str, Any]:
         """The status JSON of the contract: never a secret."""
-        stored = self._stored or StoredState()
-        tokens = stored.tokens
-        return {
-            "state": self._state.value,
-            "expires_at": iso_utc(tokens.expires_at) if tokens else None,
-            "scopes": list(tokens.scopes) if tokens else [],
-            "subject": stored.subject,
-            "company": stored.company_name,
-            "last_refresh": {
-                "at": iso_utc(stored.last_refresh_at),
-                "outcome": stored.last_refresh_outcome,
-            },
-            "refresh_count": stored.refresh_count,
-            "reason": stored.reauth_reason or self._client_rejected or self._last_transient,
-            "authorize_url": self._page_url if tokens is None else None,
-            **_same_subject(stored),
-        }
-
-
-def _same_subject(stored: StoredState) -> dict[str, Any]:
-    """Other connections that authorised the same Pleo subject (the same customer twice)."""
-    others = stored.extra.get("same_subject_as")
-    return {"same_subject_as": list(others)} if others else {}
+        return status_body(
+            self._stored,
+            self._state,
+            reason=self._client_rejected or self._last_transient,
+            page_url=self._page_url,
+        )

@@ -11,9 +11,11 @@ import enum
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
+from proxy.config import Refresh
 from proxy.secret import Secret
-from proxy.tokenset import TokenSet
+from proxy.tokenset import StoredState, TokenSet
 
 # Bounds of the one retry loop for the token endpoint (vault agent's rule: only here).
 MAX_ATTEMPTS = 4
@@ -86,3 +88,48 @@ class RefreshRequest:
 
 def with_scopes(tokens: TokenSet, scopes: tuple[str, ...]) -> TokenSet:
     return dataclasses.replace(tokens, scopes=scopes)
+
+
+def refresh_due(
+    stored: StoredState | None, refresh: Refresh, *, now: float, last_used: float
+) -> float | None:
+    """When a connection's background refresh is due, or None while it has no grant.
+
+    Keep-alive after `refresh.keepalive` in any case; proactively before expiry only for
+    a connection used within the last access-token lifetime.
+    """
+    if stored is None or stored.tokens is None or stored.reauth_reason is not None:
+        return None
+    tokens = stored.tokens
+    since = stored.last_refresh_at or stored.obtained_at or now
+    due = since + refresh.keepalive
+    if now - last_used <= tokens.lifetime:
+        due = min(due, tokens.expires_at - refresh_margin(tokens, refresh.before_expiry))
+    return due
+
+
+def status_body(
+    stored: StoredState | None, state: TokenState, *, reason: str | None, page_url: str
+) -> dict[str, Any]:
+    """The status JSON of the contract: never a secret."""
+    stored = stored or StoredState()
+    tokens = stored.tokens
+    body: dict[str, Any] = {
+        "state": state.value,
+        "expires_at": iso_utc(tokens.expires_at) if tokens else None,
+        "scopes": list(tokens.scopes) if tokens else [],
+        "subject": stored.subject,
+        "company": stored.company_name,
+        "last_refresh": {
+            "at": iso_utc(stored.last_refresh_at),
+            "outcome": stored.last_refresh_outcome,
+        },
+        "refresh_count": stored.refresh_count,
+        "reason": stored.reauth_reason or reason,
+        "authorize_url": page_url if tokens is None else None,
+    }
+    # Other connections that authorised the same Pleo subject (the same customer twice).
+    twins = stored.extra.get("same_subject_as")
+    if twins:
+        body["same_subject_as"] = list(twins)
+    return body
