@@ -102,8 +102,8 @@ async def test_two_proxies_share_fifty_connections_through_redis(
     names = [f"customer-{i:02d}" for i in range(CONNECTIONS)]
     with sandbox_process() as sandbox_url:
         configs = [_config(tmp_path, i, sandbox_url, redis_url, p) for i, p in enumerate(ports)]
-        await _import(sandbox_url, tmp_path, configs[0], names)
         await set_knobs(sandbox_url, access_ttl=2)
+        await _import(sandbox_url, tmp_path, configs[0], names)
         procs = [start_proxy(config) for config in configs]
         try:
             for port in ports:
