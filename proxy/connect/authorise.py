@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import web
 from yarl import URL
 
 from proxy.config import Config
@@ -27,7 +26,7 @@ from proxy.connect.flows import (
     Flow,
     PendingFlows,
 )
-from proxy.connect.pages import AUTHORISER_KEY, FlowStart, authorise_routes, flow_cookie_name
+from proxy.connect.pages import FlowStart, flow_cookie_name
 from proxy.connect.urlfile import (
     read_authorize_url as read_authorize_url,
     remove_file,
@@ -35,7 +34,6 @@ from proxy.connect.urlfile import (
     write_private_file,
 )
 from proxy.errors import ClientRejected, OAuthError, ProxyError, TransientOAuthError
-from proxy.http.keys import CLOCK_KEY, CONFIG_KEY, REGISTRY_KEY, UPSTREAM_SESSION_KEY
 from proxy.lifecycle.grants import NewGrant, authorize_redirect, grant_from_code
 from proxy.lifecycle.manager import TokenManager, TokenState
 from proxy.lifecycle.registry import Registry, code_hash
@@ -50,14 +48,7 @@ from proxy.urls import (
     url_with_code,
 )
 
-__all__ = [
-    "AUTHORISER_KEY",
-    "MAX_PENDING_FLOWS",
-    "Authoriser",
-    "authorise_routes",
-    "authoriser_ctx",
-    "read_authorize_url",
-]
+__all__ = ["MAX_PENDING_FLOWS", "Authoriser", "read_authorize_url"]
 
 logger = logging.getLogger("proxy.authorise")
 
@@ -287,18 +278,3 @@ class Authoriser:
     def retry_url(self, connection: str | None) -> str | None:
         name = connection or DEFAULT_CONNECTION
         return None if self.connected(name) else self.setup_url(name)
-
-
-async def authoriser_ctx(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: build the Authoriser and let it watch the registry's connections.
-
-    Register it after the registry's context, so that the first state it sees is the one
-    loaded from the store (no setup URL is made for a connection that is already connected).
-    """
-    registry = app[REGISTRY_KEY]
-    authoriser = Authoriser(
-        app[CONFIG_KEY], registry, app[UPSTREAM_SESSION_KEY], clock=app[CLOCK_KEY]
-    )
-    app[AUTHORISER_KEY] = authoriser
-    registry.on_added(authoriser.watch)
-    yield

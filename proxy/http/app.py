@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.config import Config
-from proxy.connect.authorise import authorise_routes, authoriser_ctx
+from proxy.connect.routes import authorise_routes, authoriser_ctx
 from proxy.errors import ProxyError
 from proxy.http.access_log import AccessLogger, access_logger, send_request_id
 from proxy.http.connections_api import connections_api_routes

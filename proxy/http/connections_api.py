@@ -18,7 +18,7 @@ from aiohttp import web
 
 from proxy.config import Config
 from proxy.config.values import is_loopback_host
-from proxy.connect.pages import AUTHORISER_KEY
+from proxy.connect.routes import AUTHORISER_KEY
 from proxy.http.keys import CONFIG_KEY, REGISTRY_KEY
 from proxy.lifecycle.manager import TokenManager, TokenState
 from proxy.lifecycle.rules import iso_utc

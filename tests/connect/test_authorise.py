@@ -18,13 +18,9 @@ import pytest
 from aiohttp import web
 
 from proxy.config import Config, Pleo
-from proxy.connect.authorise import (
-    AUTHORISER_KEY,
-    MAX_PENDING_FLOWS,
-    Authoriser,
-    read_authorize_url,
-)
+from proxy.connect.authorise import MAX_PENDING_FLOWS, Authoriser, read_authorize_url
 from proxy.connect.pages import PAGE_HEADER
+from proxy.connect.routes import AUTHORISER_KEY
 from proxy.http.app import build_app
 from proxy.http.keys import TOKENS_KEY
 from proxy.lifecycle.manager import TokenManager, TokenState
