@@ -69,10 +69,13 @@ async def read_status(config: Config, connection: str | None) -> dict[str, Any]:
         if connection is not None or _single_default(config, registry):
             result.update((await registry.require(connection or DEFAULT_CONNECTION)).status())
             return EXIT_OK
-        result["connections"] = [
-            {"name": m.name, **m.status(), "configured": m.name in registry.configured}
-            for m in registry.managers()
-        ]
+        listed = []
+        for name in registry.names():
+            manager = await registry.require(name)
+            listed.append(
+                {"name": name, **manager.status(), "configured": name in registry.configured}
+            )
+        result["connections"] = listed
         return EXIT_OK
 
     await with_registry(config, read)

@@ -101,9 +101,12 @@ class TransientOAuthError(OAuthError):
     code = "token_endpoint_unavailable"
     status = 503
 
-    def __init__(self, detail: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, detail: str, *, retry_after: float | None = None, busy: bool = False
+    ) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
+        self.busy = busy  # Pleo itself said 429 or 5xx: every connection should wait
 
 
 class ClientBodyTimeout(ProxyError):

@@ -799,3 +799,35 @@ async def test_serve_forever_prints_its_url_and_stops_on_cancel(
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
         with pytest.raises(aiohttp.ClientConnectionError):
             await session.get(f"{found.group(0)}/_sandbox/stats")
+
+
+async def test_mint_makes_consented_grants_with_spread_lifetimes(sandbox: RunningSandbox) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{sandbox.url}/_sandbox/mint", json={"count": 20, "ttl_min": 5, "ttl_max": 40}
+        ) as resp:
+            assert resp.status == 200
+            grants = (await resp.json())["grants"]
+        async with session.post(f"{sandbox.url}/_sandbox/mint", json={"count": 0}) as resp:
+            assert resp.status == 400
+        assert len({g["subject"] for g in grants}) == 20
+        assert all(5 <= g["expires_in"] <= 40 for g in grants)
+        assert len({g["expires_in"] for g in grants}) > 5
+        headers = {"Authorization": f"Bearer {grants[3]['access_token']}"}
+        async with session.get(f"{sandbox.url}/v1/introspect", headers=headers) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["data"]["subjectURN"] == grants[3]["subject"]
+
+
+async def test_token_requests_in_flight_are_measured(sandbox: RunningSandbox) -> None:
+    await set_knobs(sandbox.url, latency=0.3)
+    async with aiohttp.ClientSession() as session:
+
+        async def ask() -> None:
+            async with session.post(
+                f"{sandbox.url}/oauth/token", data={"grant_type": "refresh_token"}
+            ) as resp:
+                await resp.read()
+
+        await asyncio.gather(*(ask() for _ in range(5)))
+    assert (await get_stats(sandbox.url))["token_in_flight_max"] == 5

@@ -24,6 +24,7 @@ from proxy.config.sections import (
     Pages as Pages,
     build_sections,
     max_concurrent_parser,
+    parse_rate,
     sections_spec,
 )
 from proxy.config.values import (
@@ -130,6 +131,7 @@ class Refresh:
     replay_body_limit: int = 1 * MIB
     keepalive: float = 7 * 24 * 3600.0
     max_concurrent: int = 4  # token-endpoint calls in flight at once, all connections
+    max_per_second: float | None = None  # token-endpoint calls started per second, at most
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,7 @@ def _spec(base_dir: Path, environ: Mapping[str, str]) -> Spec:
             "replay_body_limit": parse_size,
             "keepalive": positive,
             "max_concurrent": max_concurrent_parser(),
+            "max_per_second": parse_rate,
         },
         "timeouts": {k: positive for k in ("connect", "read", "token_request", "shutdown")},
         "log_level": parse_choice("log level", get_args(LogLevel)),

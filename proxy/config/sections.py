@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from proxy.config.reader import Reader, SectionList, Spec, valid
 from proxy.config.values import (
+    describe,
     parse_duration,
     parse_integer,
     parse_list_of,
@@ -48,6 +49,8 @@ class Connections:
     implicit_default: bool = True
     link_ttl: float = DAY
     return_to_origins: tuple[str, ...] = ()
+    # Connections kept in memory at most (least recently used dropped; 0: no bound).
+    cache: int = 10_000
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -117,6 +120,7 @@ def sections_spec(path: Callable[[object], Path], parse_host: Callable[[object],
             section={
                 "link_ttl": positive,
                 "return_to_origins": parse_list_of(parse_origin),
+                "cache": parse_within(parse_integer, 0, 10_000_000),
             },
         ),
         "admin": {"key": parse_secret, "key_file": parse_secret_file(path)},
@@ -130,6 +134,15 @@ def sections_spec(path: Callable[[object], Path], parse_host: Callable[[object],
             "public_url": _public_url,
         },
     }
+
+
+def parse_rate(value: object) -> float:
+    """A positive rate per second, e.g. 20 or 0.5."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number of calls per second, got {describe(value)}")
+    if not 0 < value <= 100_000:
+        raise ValueError(f"expected a rate above 0 and at most 100000, got {value}")
+    return float(value)
 
 
 def max_concurrent_parser() -> Callable[[object], int]:
@@ -195,6 +208,7 @@ def _build_connections(
         implicit_default=False,
         link_ttl=rest.get("link_ttl", DAY),
         return_to_origins=rest.get("return_to_origins", ()),
+        cache=rest.get("cache", Connections.cache),
     )
 
 

@@ -235,8 +235,7 @@ def _metrics(app: web.Application) -> Metrics:
 
     def connection_states() -> collections.Counter[str]:
         registry = app.get(REGISTRY_KEY)
-        managers = registry.managers() if registry is not None else []
-        return collections.Counter(manager.state.value for manager in managers)
+        return registry.state_counts() if registry is not None else collections.Counter()
 
     def webhook_outcomes() -> dict[str, float]:
         sink = app.get(EVENTS_KEY)

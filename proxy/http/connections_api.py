@@ -67,7 +67,11 @@ def summary(manager: TokenManager, *, configured: bool) -> dict[str, Any]:
 
 async def list_connections(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY_KEY]
-    items = [summary(m, configured=m.name in registry.configured) for m in registry.managers()]
+    items = []
+    for name in registry.names():  # loads those not in memory: an admin call, not per request
+        manager = await registry.find(name)
+        if manager is not None:
+            items.append(summary(manager, configured=name in registry.configured))
     return web.json_response({"connections": items})
 
 

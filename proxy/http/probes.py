@@ -8,8 +8,6 @@ listed only by the admin API. Never changes token state and never shows a secret
 
 from __future__ import annotations
 
-import collections
-
 from aiohttp import web
 
 from proxy.http.keys import CLOCK_KEY, REGISTRY_KEY
@@ -63,9 +61,9 @@ async def status(request: web.Request) -> web.Response:
     manager = await _described(request)
     if manager is not None:
         return web.json_response(manager.status())
-    managers = request.app[REGISTRY_KEY].managers()
-    by_state = collections.Counter(m.state.value for m in managers)
-    return web.json_response({"connections": {"count": len(managers), "by_state": by_state}})
+    registry = request.app[REGISTRY_KEY]
+    by_state = registry.state_counts()
+    return web.json_response({"connections": {"count": len(registry), "by_state": by_state}})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -81,7 +81,11 @@ def implied_name(names: list[str]) -> str:
         return DEFAULT_CONNECTION
     if len(names) == 1:
         return names[0]
-    raise ConnectionRequired(
+    raise _required()
+
+
+def _required() -> ConnectionRequired:
+    return ConnectionRequired(
         f"several connections exist and none is named {DEFAULT_CONNECTION!r}: name one"
         f" with the {CONNECTION_HEADER} header or a /c/NAME/ path prefix"
     )
@@ -91,7 +95,9 @@ async def manager_for(request: web.Request, name: str | None) -> TokenManager:
     """The token manager of connection `name` (or the implied one); UnknownConnection."""
     registry = request.app[REGISTRY_KEY]
     if name is None:
-        name = implied_name(registry.names())
+        name = registry.implied()  # O(1), whatever the number of connections
+        if name is None:
+            raise _required()
     manager = registry.get(name) or await registry.find(name)
     if manager is None:
         raise UnknownConnection(f"no connection named {name!r}")

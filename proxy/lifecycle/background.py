@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from proxy.lifecycle.rules import BACKGROUND_TICK
+from proxy.lifecycle.rules import BACKGROUND_TICK, BACKOFF_CAP
 
 if TYPE_CHECKING:
     from proxy.lifecycle.manager import TokenManager
@@ -29,4 +29,5 @@ async def keep_fresh(manager: TokenManager) -> None:
         if due > now:
             await asyncio.sleep(min(due - now, BACKGROUND_TICK))
             continue
-        await manager.refresh_in_background()
+        if not await manager.refresh_in_background():
+            await asyncio.sleep(BACKOFF_CAP)

@@ -29,13 +29,14 @@ from proxy.errors import (
 )
 from proxy.lifecycle import entries
 from proxy.lifecycle.background import keep_fresh
+from proxy.lifecycle.limiter import TokenLimiter
 from proxy.lifecycle.refresh import GrantEnded, NothingToRefresh, Refreshed, RefreshSequence
 from proxy.lifecycle.rules import (
     BACKGROUND_TICK as BACKGROUND_TICK,
-    BACKOFF_CAP,
     INTERRUPTED_REASON as INTERRUPTED_REASON,
     MAX_ATTEMPTS as MAX_ATTEMPTS,
     REREAD_INTERVAL as REREAD_INTERVAL,
+    Due,
     RefreshRequest as RefreshRequest,
     StateListener as StateListener,
     TokenEvents as TokenEvents,
@@ -44,6 +45,7 @@ from proxy.lifecycle.rules import (
     bearer as bearer,
     refresh_due,
     refresh_margin as refresh_margin,
+    state_of,
     status_body,
 )
 from proxy.names import DEFAULT_CONNECTION
@@ -67,7 +69,7 @@ class TokenManager:
         clock: Callable[[], float] = time.time,
         events: TokenEvents | None = None,
         name: str = DEFAULT_CONNECTION,
-        limiter: asyncio.Semaphore | None = None,
+        limiter: TokenLimiter | None = None,
     ) -> None:
         self.name = name
         self._config = config
@@ -87,6 +89,7 @@ class TokenManager:
         self._client_rejected: str | None = None
         self._last_transient: str | None = None
         self._started = False
+        self._on_due: Callable[[TokenManager], None] | None = None
         self.poll_store = True
         self._page_url = authorise_page_url(config, name)
 
@@ -144,12 +147,21 @@ class TokenManager:
     def _adopt(self, stored: StoredState | None) -> None:
         """Take `stored` as the truth (it came from the store or was just persisted)."""
         self._stored = stored
-        if stored is None or (stored.tokens is None and stored.reauth_reason is None):
-            self._set_state(TokenState.UNAUTHORISED)
-        elif stored.tokens is None or stored.reauth_reason is not None:
-            self._set_state(TokenState.REAUTHORIZATION_REQUIRED)
-        elif self._inflight is None:
-            self._set_state(TokenState.AUTHORISED)
+        state = state_of(stored)
+        if state is not TokenState.AUTHORISED or self._inflight is None:
+            self._set_state(state)
+        if self._on_due is not None:
+            self._on_due(self)
+
+    def on_due(self, hook: Callable[[TokenManager], None]) -> None:
+        """Call `hook(self)` whenever the next refresh's due time may have changed."""
+        self._on_due = hook
+        hook(self)
+
+    @property
+    def busy(self) -> bool:
+        """A refresh is in flight, or refreshed tokens still wait to be written."""
+        return self._inflight is not None or self._sequence.unsaved is not None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -198,7 +210,10 @@ class TokenManager:
     async def authorization(self, *, replayable: bool = True) -> Secret:
         self._require_started()
         now = self._clock()
+        idle = self._idle(now)
         self._last_used = now
+        if idle and self._on_due is not None:
+            self._on_due(self)  # proactive refresh applies again
         tokens = await self._usable_tokens()
         margin = refresh_margin(tokens, self._config.refresh.before_expiry)
         # A request that cannot be replayed after a 401 gets a token with room to spare.
@@ -256,6 +271,10 @@ class TokenManager:
         if stored is not None and stored.tokens is not None and stored.reauth_reason is None:
             self._client_rejected = None
             self._adopt(stored)
+
+    def _idle(self, now: float) -> bool:
+        tokens = self.tokens
+        return tokens is None or now - self._last_used > tokens.lifetime
 
     def _reauth_error(self) -> ReauthorizationRequired:
         reason = self._stored.reauth_reason if self._stored else None
@@ -419,29 +438,38 @@ class TokenManager:
 
     # -- background refresh ------------------------------------------------------
 
-    def next_refresh_at(self, now: float) -> float | None:
+    def next_refresh_at(self, now: float, *, jitter: bool = False) -> float | None:
         """When the background task should refresh next, or None while unauthorised."""
-        if self._sequence.unsaved is not None:
-            return now  # retry the write of the only live tokens
-        return refresh_due(self._stored, self._config.refresh, now=now, last_used=self._last_used)
+        due = self.next_refresh(now, jitter=jitter)
+        return None if due is None else due.at
 
-    async def refresh_in_background(self) -> None:
-        """The due proactive or keep-alive refresh; failures are logged, then waited out."""
+    def next_refresh(self, now: float, *, jitter: bool = False) -> Due | None:
+        if self._sequence.unsaved is not None:
+            return Due(now, keepalive=False)  # retry the write of the only live tokens
+        return refresh_due(
+            self._stored, self._config.refresh, now=now, last_used=self._last_used, jitter=jitter
+        )
+
+    async def refresh_in_background(self, *, jitter: bool = False) -> bool:
+        """The due proactive or keep-alive refresh; False (logged) when it failed."""
         stored = self._stored
-        if stored is None or stored.tokens is None:
-            return
-        since = stored.last_refresh_at or stored.obtained_at or 0.0
-        keepalive_due = self._clock() >= since + self._config.refresh.keepalive
+        now = self._clock()
+        due = self.next_refresh(now, jitter=jitter)
+        if stored is None or stored.tokens is None or due is None:
+            return True
         margin = refresh_margin(stored.tokens, self._config.refresh.before_expiry)
-        request = RefreshRequest(fresh_for=margin, force=keepalive_due)
+        # Due early by jitter: fresh enough to skip only if it outlives the due time.
+        fresh_for = max(margin, stored.tokens.expires_at - due.at)
+        request = RefreshRequest(fresh_for=fresh_for, force=due.keepalive, urgent=False)
         try:
             await self._refresh(request)
         except OAuthError as exc:
             log.warning("background refresh failed: %s", exc.detail)
-            await asyncio.sleep(BACKOFF_CAP)
+            return False
         except StoreError as exc:
             log.warning("background refresh could not use the token store: %s", exc.detail)
-            await asyncio.sleep(BACKOFF_CAP)
+            return False
+        return True
 
     # -- reporting -----------------------------------------------------------------
 

@@ -305,7 +305,9 @@ def classify_error(
     label = f"HTTP {status}" if code is None else f"{code}, HTTP {status}"
     if status == 429 or status >= 500 or status == 408:
         seconds = parse_retry_after(retry_after, now=now)
-        return TransientOAuthError(f"token endpoint unavailable ({label})", retry_after=seconds)
+        return TransientOAuthError(
+            f"token endpoint unavailable ({label})", retry_after=seconds, busy=True
+        )
     if code in REAUTH_CODES or (400 <= status < 500 and REAUTH_QUIRK in body):
         return ReauthorizationRequired(
             _refused(grant, code if code in REAUTH_CODES else "invalid_refresh_token")

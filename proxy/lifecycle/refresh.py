@@ -9,8 +9,6 @@ for handing out, or know file formats and Redis commands.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -19,8 +17,15 @@ from dataclasses import dataclass
 import aiohttp
 
 from proxy.config import Config
-from proxy.errors import ClientRejected, OAuthError, ReauthorizationRequired, StoreError
+from proxy.errors import (
+    ClientRejected,
+    OAuthError,
+    ReauthorizationRequired,
+    StoreError,
+    TransientOAuthError,
+)
 from proxy.lifecycle import oauth
+from proxy.lifecycle.limiter import TokenLimiter
 from proxy.lifecycle.rules import (
     INTERRUPTED_REASON,
     RefreshRequest,
@@ -33,6 +38,9 @@ from proxy.store import TokenStore
 from proxy.tokenset import StoredState, TokenSet
 
 log = logging.getLogger("proxy.tokens")
+
+# How long every connection waits after Pleo's 429/5xx when it gives no Retry-After.
+BUSY_PAUSE = 1.0
 
 
 class NothingToRefresh(Exception):
@@ -73,7 +81,7 @@ class RefreshSequence:
         *,
         clock: Callable[[], float],
         events: TokenEvents,
-        limiter: asyncio.Semaphore | None = None,
+        limiter: TokenLimiter | None = None,
     ) -> None:
         self.config = config
         self._store = store
@@ -100,7 +108,7 @@ class RefreshSequence:
             assert stored is not None  # noqa: S101 - _refreshable raised otherwise
             if self._store_makes_refresh_unneeded(tokens, request, mine):
                 return Refreshed(stored, tokens, by_us=False, flushed=flushed is not None)
-            return await self._refresh_at_pleo(stored, tokens, refresh_token)
+            return await self._refresh_at_pleo(stored, tokens, refresh_token, request.urgent)
 
     async def flush_unsaved(self) -> StoredState | None:
         """Write tokens whose save failed after Pleo rotated (call under the lock).
@@ -127,7 +135,7 @@ class RefreshSequence:
         return stored.is_valid(self._clock(), for_at_least=request.fresh_for)
 
     async def _refresh_at_pleo(
-        self, stored: StoredState, tokens: TokenSet, refresh_token: Secret
+        self, stored: StoredState, tokens: TokenSet, refresh_token: Secret, urgent: bool
     ) -> Refreshed:
         interrupted = stored.refresh_started_at is not None
         # The mark is durable before Pleo sees the refresh token: a crash from here on
@@ -135,7 +143,7 @@ class RefreshSequence:
         marked = stored.evolve(refresh_started_at=self._clock())
         await self._store.save(marked)
         try:
-            new_tokens = await self._call_pleo(refresh_token)
+            new_tokens = await self._call_pleo(refresh_token, urgent=urgent)
         except ReauthorizationRequired as exc:
             self._events.refreshed("invalid_grant")
             reason = INTERRUPTED_REASON if interrupted else exc.detail
@@ -169,16 +177,25 @@ class RefreshSequence:
         assert fresh.tokens is not None  # noqa: S101 - set just above
         return Refreshed(fresh, fresh.tokens, by_us=True)
 
-    async def _call_pleo(self, refresh_token: Secret) -> TokenSet:
-        limiter = self._limiter if self._limiter is not None else contextlib.nullcontext()
-        async with limiter:
-            return await oauth.refresh_tokens(
-                self._session,
-                self.config.pleo,
-                refresh_token=refresh_token,
-                timeout=self.config.timeouts.token_request,
-                now=self._clock(),
-            )
+    async def _call_pleo(self, refresh_token: Secret, *, urgent: bool) -> TokenSet:
+        if self._limiter is None:
+            return await self._present(refresh_token)
+        async with self._limiter.slot(urgent=urgent):
+            try:
+                return await self._present(refresh_token)
+            except TransientOAuthError as exc:
+                if exc.busy:
+                    self._limiter.back_off(exc.retry_after or BUSY_PAUSE)
+                raise
+
+    async def _present(self, refresh_token: Secret) -> TokenSet:
+        return await oauth.refresh_tokens(
+            self._session,
+            self.config.pleo,
+            refresh_token=refresh_token,
+            timeout=self.config.timeouts.token_request,
+            now=self._clock(),
+        )
 
     def _fresh_state(self, marked: StoredState, old: TokenSet, new: TokenSet) -> StoredState:
         if not new.scopes:

@@ -11,6 +11,7 @@ Must not speak HTTP or render pages.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -23,8 +24,10 @@ import aiohttp
 
 from proxy.config import Config
 from proxy.errors import StoreError, UnknownConnection
+from proxy.lifecycle.limiter import TokenLimiter
 from proxy.lifecycle.manager import TokenManager
-from proxy.lifecycle.rules import TokenEvents, TokenState
+from proxy.lifecycle.rules import TokenEvents, TokenState, refresh_due, state_of
+from proxy.lifecycle.scheduler import RefreshScheduler
 from proxy.names import DEFAULT_CONNECTION, is_valid_name
 from proxy.store import ConnectionStores
 from proxy.tokenset import Link, TokenSet
@@ -32,6 +35,8 @@ from proxy.tokenset import Link, TokenSet
 log = logging.getLogger("proxy.connections")
 
 WATCH_INTERVAL = 1.0  # how often the store's change marker is read
+SURVEY_BATCH = 200  # entries read at start-up between pauses...
+SURVEY_PAUSE = 0.05  # ...so that reading 10,000 of them never holds up requests
 MISS_INTERVAL = 1.0  # an unknown name is looked up in the store at most this often
 MAX_MISSES = 10_000  # remembered unknown names; bounded so random names cannot grow memory
 LINK_CODE_BYTES = 32
@@ -73,6 +78,11 @@ def _log_event(message: str, event: str, name: str) -> None:
     log.info(message, extra={"fields": {"event": event, "connection": name}})
 
 
+def _retrieved(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def code_hash(code: str) -> str:
     """What the store keeps of a link code (the code itself is never stored)."""
     return hashlib.sha256(code.encode()).hexdigest()
@@ -97,10 +107,22 @@ class Registry:
         self._clock = clock
         self._counters = counters if counters is not None else TokenEvents()
         self._on_state = on_state
-        self._limiter = asyncio.Semaphore(config.refresh.max_concurrent)
+        self.limiter = TokenLimiter(
+            config.refresh.max_concurrent, max_per_second=config.refresh.max_per_second
+        )
         self.configured = frozenset(config.connections.names)
-        self._managers: dict[str, TokenManager] = {}
+        # Every connection that exists (configured, or with an entry in the store); only
+        # some are in memory, least recently used first.
+        self._known: set[str] = set(self.configured)
+        self._managers: collections.OrderedDict[str, TokenManager] = collections.OrderedDict()
+        self._states: dict[str, str] = {}  # last known state of every known connection
+        self._subjects: dict[str, str] = {}  # and its Pleo subject, when it has one
         self._loading: dict[str, asyncio.Future[TokenManager]] = {}
+        self._cache = config.connections.cache
+        self.scheduler = RefreshScheduler(
+            self.find, clock=clock, workers=config.refresh.max_concurrent
+        )
+        self._survey: asyncio.Task[None] | None = None
         self._misses: dict[str, float] = {}
         self._added: list[AddedHook] = []
         self._marker = ""
@@ -110,24 +132,31 @@ class Registry:
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self, *, background: bool = True) -> None:
-        """Verify the store, load the known connections; with `background`, watch it."""
+        """Verify the store and load the configured connections; the others are only
+        listed (loaded on first use). With `background`, schedule refreshes and watch."""
         self._background = background
         await self._stores.verify()
         self._marker = await self._stores.changed()
         for name in sorted(self.configured):
             await self._load(name)  # a configured connection that cannot load stops start-up
-        for name in sorted(set(await self._stores.names()) - self.configured):
-            await self._load_quietly(name)
+        others = sorted(set(await self._stores.names()) - self.configured)
+        self._known.update(others)
         if background:
+            await self.scheduler.start()
+            # Their keep-alive due times, read a few at a time: start-up stays fast and
+            # calls Pleo never, yet no idle connection is forgotten.
+            self._survey = asyncio.create_task(self._read_due_times(others), name="survey")
             self._watcher = asyncio.create_task(self._watch(), name="connections-watch")
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
-        managers, self._managers = list(self._managers.values()), {}
+        for task in (self._watcher, self._survey):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._watcher = self._survey = None
+        await self.scheduler.close()
+        managers, self._managers = list(self._managers.values()), collections.OrderedDict()
         for manager in managers:
             await manager.close()
 
@@ -147,24 +176,43 @@ class Registry:
 
     def get(self, name: str) -> TokenManager | None:
         """The connection's manager if it is in memory (O(1), no I/O)."""
-        return self._managers.get(name)
+        manager = self._managers.get(name)
+        if manager is not None:
+            self._managers.move_to_end(name)
+        return manager
 
     def names(self) -> list[str]:
-        return sorted(self._managers)
+        """Every connection that exists, in memory or not (O(n log n): not per request)."""
+        return sorted(self._known)
 
     def __len__(self) -> int:
-        return len(self._managers)
+        return len(self._known)
+
+    def implied(self) -> str | None:
+        """The connection a request that names none means, in O(1): `default`, else the
+        only one; None when there are several (or none)."""
+        if DEFAULT_CONNECTION in self._known:
+            return DEFAULT_CONNECTION
+        return next(iter(self._known)) if len(self._known) == 1 else None
 
     def managers(self) -> list[TokenManager]:
+        """The connections in memory."""
         return [self._managers[name] for name in sorted(self._managers)]
+
+    def state_counts(self) -> collections.Counter[str]:
+        """Connections by their last known state, in memory or not."""
+        states = dict(self._states) | {m.name: m.state.value for m in self._managers.values()}
+        return collections.Counter(states[name] for name in self._known if name in states)
 
     async def find(self, name: str) -> TokenManager | None:
         """The connection's manager, from memory or, for a name new to us, the store."""
-        manager = self._managers.get(name)
+        manager = self.get(name)
         if manager is not None:
             return manager
         if not is_valid_name(name):
             return None  # callers check first; a bad name must never reach a file path
+        if name in self._known:
+            return await self._load(name)
         now = self._clock()
         if now - self._misses.get(name, float("-inf")) < MISS_INTERVAL:
             return None
@@ -216,16 +264,61 @@ class Registry:
             clock=self._clock,
             events=ConnectionEvents(name, self._counters, self._on_state),
             name=name,
-            limiter=self._limiter,
+            limiter=self.limiter,
         )
-        # Configured connections keep polling the store while idle, as the single
-        # connection always did; the others are brought in by the change marker.
-        await manager.start(background=self._background, verify=False, poll_store=configured)
+        # The scheduler refreshes in the background; the watch loop brings in changes.
+        await manager.start(background=False, verify=False, poll_store=configured)
+        if self._background:
+            manager.on_due(self._schedule)
         self._managers[name] = manager
+        self._known.add(name)
         self._misses.pop(name, None)
         for hook in list(self._added):
             hook(manager, configured)
+        self._evict_over_bound()
         return manager
+
+    def _schedule(self, manager: TokenManager) -> None:
+        self._states[manager.name] = manager.state.value
+        self.scheduler.schedule(manager.name, manager.next_refresh(self._clock(), jitter=True))
+
+    def _evict_over_bound(self) -> None:
+        """Drop the least recently used idle connections beyond `connections.cache`."""
+        if not self._cache or len(self._managers) <= self._cache:
+            return
+        for name in list(self._managers):
+            if len(self._managers) <= self._cache:
+                return
+            manager = self._managers[name]
+            if name in self.configured or manager.busy:
+                continue
+            del self._managers[name]
+            self._states[name] = manager.state.value
+            # The scheduler keeps its due time; it is loaded again when that comes.
+            task = asyncio.ensure_future(manager.close())
+            task.add_done_callback(_retrieved)
+
+    async def _read_due_times(self, names: list[str]) -> None:
+        """Schedule the connections not in memory by what their entries say."""
+        for index, name in enumerate(names):
+            if name in self._managers:
+                continue
+            try:
+                stored = await self._stores.store(name).load()
+            except StoreError as exc:
+                log.error("connection %s cannot be read: %s", name, exc.detail)
+                continue
+            if name in self._managers:
+                continue  # loaded meanwhile: its manager schedules itself
+            self._states[name] = state_of(stored).value
+            if stored is not None and stored.subject:
+                self._subjects[name] = stored.subject
+            due = refresh_due(
+                stored, self._config.refresh, now=self._clock(), last_used=-1e18, jitter=True
+            )
+            self.scheduler.schedule(name, due)
+            if index % SURVEY_BATCH == SURVEY_BATCH - 1:
+                await asyncio.sleep(SURVEY_PAUSE)
 
     # -- changes ---------------------------------------------------------------------
 
@@ -236,6 +329,7 @@ class Registry:
             return manager, False
         manager = await self._load(name)
         await manager.logout(keep_entry=True)
+        self._known.add(name)
         await self._stores.touch()
         log.info(
             "connection created",
@@ -281,11 +375,10 @@ class Registry:
     def _same_subject(self, name: str, subject: str | None) -> list[str]:
         if subject is None:
             return []
-        return [
-            other.name
-            for other in self.managers()
-            if other.name != name and other.stored is not None and other.stored.subject == subject
-        ]
+        for manager in self._managers.values():
+            if manager.stored is not None and manager.stored.subject:
+                self._subjects[manager.name] = manager.stored.subject
+        return sorted(n for n, s in self._subjects.items() if s == subject and n != name)
 
     async def logout(self, name: str) -> None:
         manager = await self.require(name)
@@ -310,12 +403,21 @@ class Registry:
         """Stop serving a connection whose entry is gone (configured ones stay, unauthorised)."""
         manager = self._managers.get(name)
         if manager is None:
+            if name not in self.configured:
+                self._forget_name(name)
             return
         if name in self.configured:
             await manager.reload()
             return
         del self._managers[name]
+        self._forget_name(name)
         await manager.close()
+
+    def _forget_name(self, name: str) -> None:
+        self._known.discard(name)
+        self._states.pop(name, None)
+        self._subjects.pop(name, None)
+        self.scheduler.schedule(name, None)
 
     # -- watching the store ----------------------------------------------------------
 
@@ -334,13 +436,15 @@ class Registry:
             return
         self._marker = marker
         present = set(await self._stores.names())
-        for name in sorted(present - set(self._managers)):
-            await self._load_quietly(name)
-        for name in sorted(set(self._managers) - present):
-            manager = self._managers[name]
+        new = sorted(present - self._known)
+        self._known.update(new)
+        for name in sorted(self._known - present):
+            manager = self._managers.get(name)
             # A configured connection stays; it only forgets tokens deleted elsewhere.
-            if name not in self.configured or manager.stored is not None:
+            if name not in self.configured or (manager is not None and manager.stored):
                 await self._drop(name)
+        if self._background and new:
+            await self._read_due_times(new)
         for manager in self.managers():
             if manager.state in (TokenState.UNAUTHORISED, TokenState.REAUTHORIZATION_REQUIRED):
                 await manager.reread()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -84,28 +85,66 @@ class RefreshRequest:
     rejected: Secret | None = None  # the header Pleo answered 401 to
     fresh_for: float = 0.0  # the token must stay valid this much longer to skip the refresh
     force: bool = False  # keep-alive: refresh even if still fresh
+    urgent: bool = True  # a request waits for it: served before background refreshes
 
 
 def with_scopes(tokens: TokenSet, scopes: tuple[str, ...]) -> TokenSet:
     return dataclasses.replace(tokens, scopes=scopes)
 
 
+def state_of(stored: StoredState | None) -> TokenState:
+    """The state an entry means on its own (a refresh in flight is the manager's to know)."""
+    if stored is None or (stored.tokens is None and stored.reauth_reason is None):
+        return TokenState.UNAUTHORISED
+    if stored.tokens is None or stored.reauth_reason is not None:
+        return TokenState.REAUTHORIZATION_REQUIRED
+    return TokenState.AUTHORISED
+
+
+@dataclasses.dataclass(frozen=True)
+class Due:
+    """When a connection's next background refresh is due, and which kind it is."""
+
+    at: float
+    keepalive: bool  # False: proactive, before the access token expires
+
+
+def spread(token: float, fraction: float) -> float:
+    """A stable share in [0, fraction) for one token (its expiry), so connections that
+    were authorised or imported together do not all come due in the same second."""
+    digest = hashlib.sha256(repr(token).encode()).digest()
+    return fraction * int.from_bytes(digest[:4], "big") / 2**32
+
+
 def refresh_due(
-    stored: StoredState | None, refresh: Refresh, *, now: float, last_used: float
-) -> float | None:
+    stored: StoredState | None,
+    refresh: Refresh,
+    *,
+    now: float,
+    last_used: float,
+    jitter: bool = False,
+) -> Due | None:
     """When a connection's background refresh is due, or None while it has no grant.
 
     Keep-alive after `refresh.keepalive` in any case; proactively before expiry only for
-    a connection used within the last access-token lifetime.
+    a connection used within the last access-token lifetime. With `jitter`, proactive
+    refreshes come up to a quarter of the margin early and keep-alives up to a tenth of
+    their period early, spread by token.
     """
     if stored is None or stored.tokens is None or stored.reauth_reason is not None:
         return None
     tokens = stored.tokens
     since = stored.last_refresh_at or stored.obtained_at or now
-    due = since + refresh.keepalive
-    if now - last_used <= tokens.lifetime:
-        due = min(due, tokens.expires_at - refresh_margin(tokens, refresh.before_expiry))
-    return due
+    keepalive = since + refresh.keepalive
+    if jitter:
+        keepalive -= spread(tokens.expires_at, refresh.keepalive / 10)
+    if now - last_used > tokens.lifetime:
+        return Due(keepalive, keepalive=True)
+    margin = refresh_margin(tokens, refresh.before_expiry)
+    proactive = tokens.expires_at - margin
+    if jitter:
+        proactive -= spread(tokens.expires_at, margin / 4)
+    return Due(keepalive, True) if keepalive < proactive else Due(proactive, False)
 
 
 def status_body(

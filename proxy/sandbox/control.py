@@ -21,6 +21,7 @@ def add_control_routes(app: web.Application) -> None:
     app.router.add_post("/_sandbox/revoke", revoke)
     app.router.add_get("/_sandbox/grants", grants)
     app.router.add_get("/_sandbox/stats", stats)
+    app.router.add_post("/_sandbox/mint", mint)
     app.router.add_post("/_sandbox/reset-stats", reset_stats)
 
 
@@ -79,3 +80,20 @@ def _bad_request(message: str) -> web.Response:
 
 def _dumps(value: object) -> str:
     return json.dumps(value, sort_keys=True)
+
+
+async def mint(request: web.Request) -> web.Response:
+    """Grants without the consent dance: `{"count": N, "ttl_min": s, "ttl_max": s}`."""
+    state = request.app[STATE_KEY]
+    try:
+        doc = await request.json()
+        count, low, high = int(doc["count"]), float(doc["ttl_min"]), float(doc["ttl_max"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return web.json_response({"error": "expected count, ttl_min and ttl_max"}, status=400)
+    if not (0 < count <= 100_000 and 0 < low <= high):
+        return web.json_response({"error": "count or lifetimes out of range"}, status=400)
+    seed = int(doc.get("seed", 0))
+    grants = state.mint(
+        count, client_id=state.settings.client_id, ttl_min=low, ttl_max=high, seed=seed
+    )
+    return web.json_response({"grants": grants})

@@ -165,6 +165,15 @@ def token_error(error: str, description: str, *, status: int = 400) -> web.Respo
 async def token(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     state.stats.token_requests += 1
+    state.token_in_flight += 1
+    state.stats.token_in_flight_max = max(state.stats.token_in_flight_max, state.token_in_flight)
+    try:
+        return await _token(request, state)
+    finally:
+        state.token_in_flight -= 1
+
+
+async def _token(request: web.Request, state: SandboxState) -> web.StreamResponse:
     await state.pause(state.knobs.latency)
     failure = state.take_token_failure()
     if failure is not None:

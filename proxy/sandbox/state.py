@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import hmac
 import math
+import random
 import re
 import secrets
 import time
@@ -80,6 +81,8 @@ class Stats:
     api_requests: int = 0
     api_by_path: dict[str, int] = field(default_factory=dict)
     last_upload: dict[str, Any] | None = None
+    # The most token requests being answered at once (what a proxy's cap is measured by).
+    token_in_flight_max: int = 0
 
 
 @dataclass
@@ -162,6 +165,7 @@ class SandboxState:
         self._refresh: dict[str, str] = {}  # every refresh token ever issued → grant id
         self._codes: dict[str, AuthCode] = {}
         self._pending: dict[str, tuple[AuthRequest, float]] = {}
+        self.token_in_flight = 0
 
     # -- authorisation requests and codes -------------------------------------------
 
@@ -234,8 +238,30 @@ class SandboxState:
         grant.refreshes += 1
         return self._rotate(grant)
 
-    def _new_grant(self, request: AuthRequest) -> Grant:
-        if self.knobs.distinct_companies:
+    def mint(
+        self, count: int, *, client_id: str, ttl_min: float, ttl_max: float, seed: int = 0
+    ) -> list[dict[str, Any]]:
+        """`count` consented grants at once, each its own company, their first access token
+        living between `ttl_min` and `ttl_max` seconds (tests of many connections)."""
+        rng = random.Random(seed)  # noqa: S311 - spread of test lifetimes, not security
+        out = []
+        for _ in range(count):
+            grant = self._new_grant(
+                AuthRequest(client_id, "", self.settings.allowed_scopes, "", ""), distinct=True
+            )
+            issued = self._rotate(grant, ttl=rng.uniform(ttl_min, ttl_max))
+            out.append(
+                {
+                    "access_token": issued.access_token,
+                    "refresh_token": issued.refresh_token,
+                    "expires_in": issued.expires_in,
+                    "subject": grant.subject,
+                }
+            )
+        return out
+
+    def _new_grant(self, request: AuthRequest, *, distinct: bool = False) -> Grant:
+        if distinct or self.knobs.distinct_companies:
             # n is the grant's place among all grants, so names never repeat.
             company_id = str(uuid.uuid4())
             company_name = f"Sandbox Company {len(self._grants) + 1}"
@@ -251,10 +277,10 @@ class SandboxState:
         self._grants[grant.id] = grant
         return grant
 
-    def _rotate(self, grant: Grant) -> IssuedTokens:
+    def _rotate(self, grant: Grant, *, ttl: float | None = None) -> IssuedTokens:
         """New access and refresh token; the previous pair is dead from this moment."""
         self._access.pop(grant.access_token, None)
-        ttl = self.knobs.access_ttl
+        ttl = self.knobs.access_ttl if ttl is None else ttl
         grant.access_token = "sbx_at_" + secrets.token_urlsafe(32)
         grant.access_expires_at = self.clock() + ttl
         grant.refresh_token = "sbx_rt_" + secrets.token_urlsafe(32)

@@ -143,8 +143,9 @@ async def test_an_unreadable_connection_harms_no_other(
         await registry.create("broken")
     (tmp_path / "connections" / "broken.enc").write_bytes(b"\x00garbage")
     async with registry_for(config) as registry:
-        assert registry.names() == ["good"]
-        good = registry.get("good")
+        assert registry.names() == ["broken", "good"], "both exist; neither is read at start"
+        assert registry.get("good") is None
+        good = await registry.find("good")
         assert good is not None
         assert good.state is TokenState.AUTHORISED
         with pytest.raises(StoreError):

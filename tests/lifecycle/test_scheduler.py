@@ -1,0 +1,120 @@
+"""The one refresh scheduler: real managers on a real store against the sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+
+from proxy.config import Config, Connections, Refresh
+from proxy.lifecycle.registry import Registry
+from proxy.lifecycle.rules import Due, refresh_due, spread
+from proxy.store import open_stores
+from tests.flows import sandbox_config
+from tests.sandboxes import RunningSandbox, get_stats, sandbox, set_knobs
+
+__all__ = ["sandbox"]
+
+COUNT = 300
+
+
+def config_for(sandbox: RunningSandbox, tmp_path: Path) -> Config:
+    base = sandbox_config(sandbox.url, tmp_path, before_expiry=120)
+    return replace(
+        base,
+        connections=Connections(implicit_default=False),
+        refresh=replace(base.refresh, max_concurrent=3),
+    )
+
+
+@asynccontextmanager
+async def registry_for(config: Config, *, background: bool) -> AsyncIterator[Registry]:
+    stores = open_stores(config)
+    async with aiohttp.ClientSession() as session:
+        registry = Registry(config, stores, session)
+        await registry.start(background=background)
+        try:
+            yield registry
+        finally:
+            await registry.close()
+            await stores.close()
+
+
+async def mint(
+    sandbox: RunningSandbox, count: int, low: float, high: float
+) -> list[dict[str, object]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{sandbox.url}/_sandbox/mint", json={"count": count, "ttl_min": low, "ttl_max": high}
+        ) as resp,
+    ):
+        grants: list[dict[str, object]] = (await resp.json())["grants"]
+        return grants
+
+
+async def test_hundreds_of_connections_are_refreshed_by_a_few_workers(
+    sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    from proxy.lifecycle.oauth import parse_token_response
+
+    config = config_for(sandbox, tmp_path)
+    await set_knobs(sandbox.url, access_ttl=60, latency=0.02)
+    grants = await mint(sandbox, COUNT, 3, 6)
+    async with registry_for(config, background=False) as cli:
+        for index, grant in enumerate(grants):
+            tokens = parse_token_response(grant, now=time.time(), requested_scopes=())
+            await cli.install(f"c{index:03d}", tokens, notify=False)
+    async with registry_for(config, background=True) as registry:
+        tasks_before = len(asyncio.all_tasks())
+        for index in range(COUNT):  # in use: proactive refresh applies
+            manager = await registry.find(f"c{index:03d}")
+            assert manager is not None
+            await manager.authorization()
+        assert len(asyncio.all_tasks()) - tasks_before < 10, "no task per connection"
+
+        async def all_refreshed() -> bool:
+            return bool((await get_stats(sandbox.url))["refresh_grants"] >= COUNT)
+
+        deadline = time.monotonic() + 30
+        while not await all_refreshed():
+            assert time.monotonic() < deadline, "the scheduler fell behind"
+            await asyncio.sleep(0.2)
+        for index in range(COUNT):
+            manager = registry.get(f"c{index:03d}")
+            assert manager is not None
+            current = manager.tokens
+            assert current is not None
+            assert current.expires_at - time.time() > 30, "refreshed before it expired"
+    stats = await get_stats(sandbox.url)
+    assert stats["reuse_detected"] == 0
+    assert stats["token_in_flight_max"] <= 3
+
+
+def test_jitter_spreads_due_times_but_keeps_them_before_the_margin() -> None:
+    from proxy.secret import Secret
+    from proxy.tokenset import StoredState, TokenSet
+
+    refresh = Refresh(before_expiry=60)
+    dues: list[Due] = []
+    tokens = TokenSet(Secret("a"), Secret("r"), expires_at=1000.0, lifetime=600)
+    for i in range(200):
+        tokens = TokenSet(Secret("a"), Secret("r"), expires_at=1000.0 + i / 1000, lifetime=600)
+        stored = StoredState(tokens=tokens, obtained_at=400.0)
+        due = refresh_due(stored, refresh, now=500.0, last_used=500.0, jitter=True)
+        assert due is not None
+        assert not due.keepalive
+        assert 1000 - 60 - 15 <= due.at <= 1000 + 1 - 60
+        dues.append(due)
+    assert len({round(d.at) for d in dues}) > 5, "not all in the same second"
+    assert 0 <= spread(123.0, 10) < 10
+    idle = refresh_due(
+        StoredState(tokens=tokens, obtained_at=400.0), refresh, now=500.0, last_used=-1e9
+    )
+    assert idle is not None
+    assert idle.keepalive, "an idle connection is only kept alive"
