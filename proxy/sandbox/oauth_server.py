@@ -174,7 +174,7 @@ async def token(request: web.Request) -> web.StreamResponse:
 
 
 async def _token(request: web.Request, state: SandboxState) -> web.StreamResponse:
-    await state.pause(state.knobs.latency)
+    await state.pause(state.knobs.latency + state.knobs.token_latency)
     failure = state.take_token_failure()
     if failure is not None:
         return await _fail(request, state, failure)

@@ -66,6 +66,8 @@ class Knobs:
     token_failure_mode: str = DEFAULT_FAILURE_MODE
     api_401_once: bool = False
     latency: float = 0.0
+    # Added to token-endpoint answers only (a token endpoint far away, a near API).
+    token_latency: float = 0.0
     # Each new grant its own company (subject and name) instead of the settings' one.
     distinct_companies: bool = False
 
@@ -410,6 +412,7 @@ _KNOB_CHECKS: dict[str, Callable[[object], bool]] = {
     "distinct_companies": lambda v: isinstance(v, bool),
     "auto_approve": lambda v: isinstance(v, bool),
     "latency": lambda v: _is_number(v) and float(v) >= 0,  # type: ignore[arg-type]
+    "token_latency": lambda v: _is_number(v) and float(v) >= 0,  # type: ignore[arg-type]
     "access_ttl": lambda v: _is_number(v) and float(v) > 0,  # type: ignore[arg-type]
     "redirect_uris": lambda v: isinstance(v, list) and all(isinstance(u, str) for u in v),
 }
