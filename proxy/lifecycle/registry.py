@@ -426,8 +426,17 @@ class Registry:
             await asyncio.sleep(WATCH_INTERVAL)
             try:
                 await self.sync()
+                await self._poll_configured()
             except StoreError as exc:
                 log.warning("could not check the store for changed connections: %s", exc.detail)
+
+    async def _poll_configured(self) -> None:
+        """Configured connections without tokens re-read their entry each second, as the
+        single connection always did (tokens may be written without the change marker)."""
+        for name in self.configured:
+            manager = self._managers.get(name)
+            if manager is not None and manager.tokens is None:
+                await manager.reread_if_due()
 
     async def sync(self) -> None:
         """If the store changed: add new connections, drop deleted ones, pick up tokens."""

@@ -166,7 +166,7 @@ def test_unknown_keys_suggest_the_closest_known_key() -> None:
 def test_unknown_key_without_a_close_match_lists_the_known_ones() -> None:
     assert problems(doc(refresh={"zzz": 1})) == [
         "refresh.zzz: unknown key; expected one of before_expiry, replay_body_limit, keepalive,"
-        " max_concurrent"
+        " max_concurrent, max_per_second"
     ]
 
 
