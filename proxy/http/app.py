@@ -21,8 +21,9 @@ from proxy.config import Config
 from proxy.connect.routes import authorise_routes, authoriser_ctx
 from proxy.errors import ProxyError
 from proxy.http.access_log import AccessLogger, access_logger, send_request_id
+from proxy.http.body import defer_continue
 from proxy.http.connections_api import connections_api_routes
-from proxy.http.forward import defer_continue, forward
+from proxy.http.forward import forward
 from proxy.http.guard import REFUSALS_KEY, guard_middleware
 from proxy.http.keys import (
     CLOCK_KEY,
