@@ -9,6 +9,7 @@
     │   ├── ClientRejected          invalid_client / unauthorized_client (503, tokens kept)
     │   └── TransientOAuthError     network, timeout, 5xx, 429: worth retrying later
     ├── ClientBodyTimeout           the client stopped sending its request body (408)
+    ├── RateLimited                 over the connection's limits.per_connection (429)
     ├── SelectionError              which connection a request means is unclear
     │   ├── UnknownConnection       no connection of that name (404)
     │   ├── ConnectionRequired      several connections and no `default`: name one (400)
@@ -43,6 +44,10 @@ class ProxyError(Exception):
     def body(self) -> dict[str, Any]:
         """The JSON body a client receives for this error."""
         return {"error": self.code, "detail": self.detail}
+
+    def headers(self) -> dict[str, str]:
+        """Response headers that go with the body (none unless the error needs them)."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,22 @@ class TransientOAuthError(OAuthError):
 class ClientBodyTimeout(ProxyError):
     code = "request_timeout"
     status = 408
+
+
+class RateLimited(ProxyError):
+    """Refused by the proxy itself, before anything is forwarded; `reason` is
+    `concurrency` or `rate`, `retry_after` whole seconds (at least 1)."""
+
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, detail: str, *, reason: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.retry_after = max(1, retry_after)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class SelectionError(ProxyError):

@@ -3,7 +3,8 @@
 Owns the upstream URL (raw path and query, byte-exact), hop-by-hop stripping, the
 client's `Authorization` replaced by the credential source's, streaming both ways,
 the one replay after a 401 (of a body proxy.http.body kept), and `map_client_errors()`,
-the one place aiohttp client exceptions become `UpstreamError`s.
+the one place aiohttp client exceptions become `UpstreamError`s. Admission
+(proxy.http.fairness) comes before the body is read.
 Must not parse OAuth responses, refresh tokens, decompress, or read bodies whole.
 """
 
@@ -23,8 +24,9 @@ from proxy.config import Config
 from proxy.errors import ClientBodyTimeout, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from proxy.http.access_log import REQUEST_ID_HEADER, add_upstream_time, request_id
 from proxy.http.body import Body, read_body
+from proxy.http.fairness import FAIRNESS_KEY
 from proxy.http.keys import UPSTREAM_SESSION_KEY
-from proxy.http.select import credentials_for
+from proxy.http.select import connection_name, credentials_for
 from proxy.lifecycle.credentials import CredentialSource
 from proxy.ops.metrics import metrics_of
 from proxy.ops.reload import current_config
@@ -244,10 +246,18 @@ async def _relay_response(
 
 async def forward(request: web.Request) -> web.StreamResponse:
     """The catch-all handler: relay the request to the Pleo API with the credential added."""
+    # Before the body is read: a request for no known connection is refused unread, and
+    # so is one over its connection's limits (429, its slot held until the answer ends).
+    credentials, raw_path = await credentials_for(request)
+    with request.config_dict[FAIRNESS_KEY].slot(connection_name(credentials)):
+        return await _forward(request, credentials, raw_path)
+
+
+async def _forward(
+    request: web.Request, credentials: CredentialSource, raw_path: str
+) -> web.StreamResponse:
     config = current_config(request.app)
     session = request.config_dict[UPSTREAM_SESSION_KEY]
-    # Before the body is read: a request for no known connection is refused unread.
-    credentials, raw_path = await credentials_for(request)
     try:
         body = await read_body(
             request, config.refresh.replay_body_limit, stall_after=config.timeouts.read

@@ -39,6 +39,7 @@ GUARD_REASONS = (
     "absolute_form_not_allowed",
     "method_not_allowed",
 )
+RATE_LIMIT_REASONS = ("concurrency", "rate")
 # Upstream answers range from a few ms (cached) to minutes (exports).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 LOCK_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30)
@@ -158,6 +159,18 @@ class Metrics(TokenEvents):
         )
         for result in REPLAY_RESULTS:
             self.replays.labels(result)
+        self._define_fairness()
+
+    def _define_fairness(self) -> None:
+        registry = self.registry
+        self.limited = Counter(
+            "pleo_proxy_rate_limited",
+            "Requests refused by limits.per_connection, by reason (never by connection)",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in RATE_LIMIT_REASONS:
+            self.limited.labels(reason)
 
     def _define_tokens(self) -> None:
         registry = self.registry
@@ -202,6 +215,9 @@ class Metrics(TokenEvents):
 
     def replayed(self, result: str) -> None:
         self.replays.labels(result if result in REPLAY_RESULTS else "other").inc()
+
+    def rate_limited(self, reason: str) -> None:
+        self.limited.labels(reason if reason in RATE_LIMIT_REASONS else "other").inc()
 
     # -- TokenEvents -------------------------------------------------------------------
 
