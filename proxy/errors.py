@@ -18,6 +18,7 @@
     └── UpstreamError               the Pleo API could not be reached
         ├── UpstreamUnreachable     connect failed or connection reset (502)
         └── UpstreamTimeout         no byte within the read timeout (504)
+            └── UpstreamConnectTimeout  not even connected within the connect timeout
 
 Visibility policy: a message is built from non-secret fields only (a config key path,
 an HTTP status, an OAuth `error` code, a file path). It may be shown to a client or a
@@ -170,3 +171,7 @@ class UpstreamUnreachable(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     code = "upstream_timeout"
     status = 504
+
+
+class UpstreamConnectTimeout(UpstreamTimeout):
+    """Not connected within the connect timeout: nothing reached Pleo (so safe to retry)."""

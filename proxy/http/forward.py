@@ -4,7 +4,8 @@ Owns the upstream URL (raw path and query, byte-exact), hop-by-hop stripping, th
 client's `Authorization` replaced by the credential source's, streaming both ways,
 the one replay after a 401 (of a body proxy.http.body kept), and `map_client_errors()`,
 the one place aiohttp client exceptions become `UpstreamError`s. Admission
-(proxy.http.fairness) comes before the body is read.
+(proxy.http.fairness) comes before the body is read; retries (proxy.http.retries)
+wrap each send, below the 401 replay.
 Must not parse OAuth responses, refresh tokens, decompress, or read bodies whole.
 """
 
@@ -21,11 +22,18 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.config import Config
-from proxy.errors import ClientBodyTimeout, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import (
+    ClientBodyTimeout,
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from proxy.http.access_log import REQUEST_ID_HEADER, add_upstream_time, request_id
 from proxy.http.body import Body, read_body
 from proxy.http.fairness import FAIRNESS_KEY
 from proxy.http.keys import UPSTREAM_SESSION_KEY
+from proxy.http.retries import RetryPlan, send_with_retries
 from proxy.http.select import connection_name, credentials_for
 from proxy.lifecycle.credentials import CredentialSource
 from proxy.ops.metrics import metrics_of
@@ -64,6 +72,7 @@ class Outbound:
     headers: CIMultiDict[str]
     body: Body
     timeout: aiohttp.ClientTimeout  # from the live config: a reload changes it
+    retry: RetryPlan  # how many attempts upstream.retries allows this request
 
 
 @contextmanager
@@ -97,6 +106,8 @@ def _body_timeout_cause(exc: BaseException) -> ClientBodyTimeout | None:
 
 
 def _upstream_error(exc: BaseException) -> UpstreamError:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamConnectTimeout("could not connect to the Pleo API within the timeout")
     if isinstance(exc, TimeoutError):  # also aiohttp.ServerTimeoutError and its subclasses
         return UpstreamTimeout("the Pleo API did not answer within the timeout")
     if isinstance(exc, aiohttp.ClientConnectorError):
@@ -150,7 +161,8 @@ def _outbound(request: web.Request, config: Config, body: Body, raw_path: str) -
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=config.timeouts.connect, sock_read=config.timeouts.read
     )
-    return Outbound(request.method, url, headers, body, timeout)
+    retry = RetryPlan.for_request(config.upstream, request.method, replayable=body.replayable)
+    return Outbound(request.method, url, headers, body, timeout, retry)
 
 
 @dataclass(frozen=True)
@@ -172,6 +184,17 @@ class _Observer:
 
 
 async def _send(
+    session: aiohttp.ClientSession, outbound: Outbound, authorization: Secret, observe: _Observer
+) -> aiohttp.ClientResponse:
+    """One exchange with Pleo: a single attempt, or more where `upstream.retries` allows."""
+    return await send_with_retries(
+        lambda: _send_once(session, outbound, authorization, observe),
+        outbound.retry,
+        events=metrics_of(observe.request),
+    )
+
+
+async def _send_once(
     session: aiohttp.ClientSession, outbound: Outbound, authorization: Secret, observe: _Observer
 ) -> aiohttp.ClientResponse:
     headers = CIMultiDict(outbound.headers)

@@ -22,7 +22,13 @@ from proxy.config import Limits, PerConnection
 from proxy.errors import RateLimited
 from proxy.http.fairness import Fairness
 from tests.connections import connections_config, distinct_companies, give_tokens, serving, url_of
-from tests.proxyproc import RecordingCredentials, proxy_config, raw_http, run_proxy_app
+from tests.proxyproc import (
+    RecordingCredentials,
+    metric_value,
+    proxy_config,
+    raw_http,
+    run_proxy_app,
+)
 from tests.sandboxes import RunningSandbox, sandbox
 from tests.upstreams import EchoUpstream, Seen, upstream
 
@@ -181,16 +187,6 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def metric(session: aiohttp.ClientSession, base: str, sample: str) -> float:
-    async with session.get(f"{base}/_proxy/metrics") as response:
-        text = await response.text()
-    for line in text.splitlines():
-        name, _, value = line.rpartition(" ")
-        if name == sample:
-            return float(value)
-    raise AssertionError(f"no sample {sample}")
-
-
 def proxy_url(server: TestServer) -> str:
     return f"http://127.0.0.1:{server.port}"
 
@@ -212,9 +208,10 @@ async def test_over_the_rate_is_429_with_retry_after_and_nothing_forwarded(
         assert body["error"] == "rate_limited"
         assert "retry after" in body["detail"]
         assert upstream.hits == 2
-        assert await metric(client, base, 'pleo_proxy_rate_limited_total{reason="rate"}') == 1
+        assert await metric_value(client, base, 'pleo_proxy_rate_limited_total{reason="rate"}') == 1
         assert (
-            await metric(client, base, 'pleo_proxy_rate_limited_total{reason="concurrency"}') == 0
+            await metric_value(client, base, 'pleo_proxy_rate_limited_total{reason="concurrency"}')
+            == 0
         )
 
 
@@ -252,7 +249,7 @@ async def test_the_concurrency_limit_refuses_the_next_concurrent_request(
         assert await get("/v1/after") == 200  # the slots were given back
         assert [s.raw_path for s in upstream.seen][-1] == "/v1/after"
         sample = 'pleo_proxy_rate_limited_total{reason="concurrency"}'
-        assert await metric(client, base, sample) == 1
+        assert await metric_value(client, base, sample) == 1
 
 
 async def test_a_refused_request_is_refused_before_its_body_is_sent(
@@ -301,7 +298,7 @@ async def test_pleos_own_429_passes_through_unchanged(
             assert response.headers["Content-Type"] == "application/problem+json"
             assert await response.read() == b'{"message": "slow down"}'
         assert upstream.hits == 1
-        assert await metric(client, base, 'pleo_proxy_rate_limited_total{reason="rate"}') == 0
+        assert await metric_value(client, base, 'pleo_proxy_rate_limited_total{reason="rate"}') == 0
 
 
 async def test_one_connection_over_its_rate_leaves_another_served(
