@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NoReturn
 
 from aiohttp import web
 
@@ -126,8 +127,9 @@ class Fairness:
         return entry.in_flight == 0 and entry.tokens >= self.limits.bucket_size
 
     def _prune(self, now: float) -> None:
-        # Least recently used first. A busy entry is rotated to the back, not dropped:
-        # the table then exceeds its bound only by connections that are really busy.
+        # Least recently used first: every bucket refills at the same rate, so those are
+        # the first to be idle again. A busy one is rotated to the back, never dropped
+        # (that would forget requests in flight or hand out a fresh burst).
         for _ in range(PRUNE_STEP):
             if len(self._entries) < self._max_entries:
                 return
@@ -137,7 +139,7 @@ class Fairness:
             else:
                 self._entries.move_to_end(name)
 
-    def _refuse(self, reason: str, detail: str, retry_after: int) -> None:
+    def _refuse(self, reason: str, detail: str, retry_after: int) -> NoReturn:
         if self._on_refusal is not None:
             self._on_refusal(reason)
         raise RateLimited(

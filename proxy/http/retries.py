@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import calendar
 import email.utils
-import itertools
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -130,11 +129,21 @@ def judge(
     return Verdict(wait=retry_after)
 
 
-async def _attempt(send: Callable[[], Awaitable[A]]) -> tuple[A | None, UpstreamError | None]:
+async def _attempt(send: Callable[[], Awaitable[A]]) -> A | UpstreamError:
     try:
-        return await send(), None
+        return await send()
     except UpstreamError as err:
-        return None, err
+        return err
+
+
+def _assess(outcome: Answer | UpstreamError, *, now: float) -> tuple[str | None, float | None]:
+    """(why the outcome is worth a retry or None, Pleo's Retry-After in seconds or None)."""
+    if isinstance(outcome, UpstreamError):
+        return failure_reason(None, outcome), None
+    reason = failure_reason(outcome.status, None)
+    if reason is None:
+        return None, None
+    return reason, parse_retry_after(outcome.headers.get("Retry-After"), now=now)
 
 
 async def send_with_retries(
@@ -145,23 +154,20 @@ async def send_with_retries(
     clock: Callable[[], float] = time.time,
 ) -> A:
     """`send()` once, or again after each retryable failure while `plan` allows."""
-    for attempt in itertools.count():
-        answer, error = await _attempt(send)
-        reason = failure_reason(None if answer is None else answer.status, error)
-        retry_after = None
-        if answer is not None and reason is not None:
-            retry_after = parse_retry_after(answer.headers.get("Retry-After"), now=clock())
+    attempt = 0
+    while True:
+        outcome = await _attempt(send)
+        reason, retry_after = _assess(outcome, now=clock())
         verdict = judge(plan, attempt, reason=reason, retry_after=retry_after)
         if verdict.wait is None:
             if verdict.gave_up is not None and events is not None:
                 events.upstream_gave_up(verdict.gave_up)
-            if error is not None:
-                raise error
-            assert answer is not None  # noqa: S101 - one of the two is always set
-            return answer
-        if answer is not None:
-            answer.close()  # a failed answer's body is not worth draining
+            if isinstance(outcome, UpstreamError):
+                raise outcome
+            return outcome
+        if not isinstance(outcome, UpstreamError):
+            outcome.close()  # a failed answer's body is not worth draining
         if events is not None and reason is not None:
             events.upstream_retried(reason)
         await asyncio.sleep(verdict.wait)
-    raise AssertionError("unreachable")  # itertools.count() never ends
+        attempt += 1
