@@ -9,6 +9,7 @@
     │   ├── ClientRejected          invalid_client / unauthorized_client (503, tokens kept)
     │   └── TransientOAuthError     network, timeout, 5xx, 429: worth retrying later
     ├── ClientBodyTimeout           the client stopped sending its request body (408)
+    ├── RateLimited                 over the connection's limits.per_connection (429)
     ├── SelectionError              which connection a request means is unclear
     │   ├── UnknownConnection       no connection of that name (404)
     │   ├── ConnectionRequired      several connections and no `default`: name one (400)
@@ -17,6 +18,7 @@
     └── UpstreamError               the Pleo API could not be reached
         ├── UpstreamUnreachable     connect failed or connection reset (502)
         └── UpstreamTimeout         no byte within the read timeout (504)
+            └── UpstreamConnectTimeout  not even connected within the connect timeout
 
 Visibility policy: a message is built from non-secret fields only (a config key path,
 an HTTP status, an OAuth `error` code, a file path). It may be shown to a client or a
@@ -43,6 +45,10 @@ class ProxyError(Exception):
     def body(self) -> dict[str, Any]:
         """The JSON body a client receives for this error."""
         return {"error": self.code, "detail": self.detail}
+
+    def headers(self) -> dict[str, str]:
+        """Response headers that go with the body (none unless the error needs them)."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,22 @@ class ClientBodyTimeout(ProxyError):
     status = 408
 
 
+class RateLimited(ProxyError):
+    """Refused by the proxy itself, before anything is forwarded; `reason` is
+    `concurrency` or `rate`, `retry_after` whole seconds (at least 1)."""
+
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, detail: str, *, reason: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.retry_after = max(1, retry_after)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
 class SelectionError(ProxyError):
     code = "connection_selection_error"
     status = 400
@@ -152,3 +174,7 @@ class UpstreamUnreachable(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     code = "upstream_timeout"
     status = 504
+
+
+class UpstreamConnectTimeout(UpstreamTimeout):
+    """Not connected within the connect timeout: nothing reached Pleo (so safe to retry)."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp.test_utils import TestServer
 
 from proxy.config import Config, Listen, Pleo, Refresh, Timeouts, TokensConfig
@@ -185,6 +186,17 @@ def _content_length(head: bytes) -> int | None:
         if name.strip().lower() == b"content-length":
             return int(value.strip())
     return None
+
+
+async def metric_value(session: aiohttp.ClientSession, base_url: str, sample: str) -> float:
+    """One sample of the proxy's `/_proxy/metrics`, e.g. `'x_total{reason="rate"}'`."""
+    async with session.get(f"{base_url}/_proxy/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    raise AssertionError(f"no sample {sample} in the metrics")
 
 
 def child_config_json(api_url: str, *, api_key: str) -> str:

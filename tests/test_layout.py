@@ -34,6 +34,7 @@ COVERED_BY = {
     "proxy/demo.py": "tests/test_e2e.py",
     "proxy/errors.py": "tests/http/test_app.py",
     "proxy/http/__init__.py": None,
+    "proxy/http/body.py": "tests/http/test_forward.py",
     "proxy/http/keys.py": "tests/http/test_app.py",
     "proxy/http/serve.py": "tests/http/test_app.py",
     "proxy/http/upstream.py": "tests/test_env_proxy.py",

@@ -27,6 +27,14 @@ from proxy.config.sections import (
     parse_rate,
     sections_spec,
 )
+from proxy.config.traffic import (
+    PerConnection as PerConnection,
+    Upstream as Upstream,
+    build_per_connection,
+    build_upstream,
+    per_connection_spec,
+    upstream_spec,
+)
 from proxy.config.values import (
     MIB,
     home_dir,
@@ -157,6 +165,8 @@ class Limits:
     # A complete request head must arrive within this long of the connection opening
     # or of the previous answer; also how long an idle keep-alive connection stays.
     idle_timeout: float = 30.0
+    # What one Pleo connection may send on (enforced by proxy/http/fairness.py).
+    per_connection: PerConnection = field(default_factory=PerConnection)
 
 
 @dataclass(frozen=True)
@@ -173,6 +183,7 @@ class Config:
     admin: Admin = field(default_factory=Admin)
     events: Events = field(default_factory=Events)
     pages: Pages = field(default_factory=Pages)
+    upstream: Upstream = field(default_factory=Upstream)
 
 
 def environment_defaults(
@@ -231,7 +242,9 @@ def _spec(base_dir: Path, environ: Mapping[str, str]) -> Spec:
             "max_header_size": parse_within(parse_size, 256, MIB),
             "max_headers": parse_within(parse_integer, 1, 10_000),
             "idle_timeout": positive,
+            "per_connection": per_connection_spec(),
         },
+        "upstream": upstream_spec(),
         **sections_spec(path, parse_host),
     }
 
@@ -310,12 +323,19 @@ def _build(values: dict[str, Any], reader: Reader) -> Config:
         timeouts=replace(Timeouts(), **valid_values(values.get("timeouts", {}))),
         log_level=valid_values(values).get("log_level", "info"),
         workers=valid_values(values).get("workers", 1),
-        limits=replace(Limits(), **valid_values(values.get("limits", {}))),
+        limits=_build_limits(values.get("limits", {}), reader),
         connections=sections.connections,
         admin=sections.admin,
         events=sections.events,
         pages=sections.pages,
+        upstream=build_upstream(values.get("upstream", {})),
     )
+
+
+def _build_limits(values: dict[str, Any], reader: Reader) -> Limits:
+    given = valid_values(values)
+    per_connection = build_per_connection(given.pop("per_connection", {}), reader)
+    return replace(Limits(), **given, per_connection=per_connection)
 
 
 def parse_config(doc: object, *, base_dir: Path, environ: Mapping[str, str]) -> Config:

@@ -21,8 +21,10 @@ from proxy.config import Config
 from proxy.connect.routes import authorise_routes, authoriser_ctx
 from proxy.errors import ProxyError
 from proxy.http.access_log import AccessLogger, access_logger, send_request_id
+from proxy.http.body import defer_continue
 from proxy.http.connections_api import connections_api_routes
-from proxy.http.forward import defer_continue, forward
+from proxy.http.fairness import FAIRNESS_KEY, Fairness
+from proxy.http.forward import forward
 from proxy.http.guard import REFUSALS_KEY, guard_middleware
 from proxy.http.keys import (
     CLOCK_KEY,
@@ -107,7 +109,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         return await handler(request)
     except ProxyError as err:
-        return web.json_response(err.body(), status=err.status)
+        return web.json_response(err.body(), status=err.status, headers=err.headers())
     except web.HTTPException as exc:
         if exc.status < 400:
             raise  # redirects and the like are answers, not errors
@@ -203,6 +205,10 @@ def build_app(
     app[CLOCK_KEY] = clock
     app[REFUSALS_KEY] = collections.Counter()
     app[METRICS_KEY] = _metrics(app)
+    # One table for every listener (listener_app shares it): limits are per connection.
+    app[FAIRNESS_KEY] = Fairness(
+        config.limits.per_connection, on_refusal=app[METRICS_KEY].rate_limited
+    )
     app.on_response_prepare.append(send_request_id)
     app.cleanup_ctx.append(upstream_session_ctx)
     _install_credentials(app, credentials)

@@ -2,17 +2,17 @@
 
 Owns the upstream URL (raw path and query, byte-exact), hop-by-hop stripping, the
 client's `Authorization` replaced by the credential source's, streaming both ways,
-the bounded replay buffer and the one replay after a 401, and `map_client_errors()`,
-the one place aiohttp client exceptions become `UpstreamError`s.
+the one replay after a 401 (of a body proxy.http.body kept), and `map_client_errors()`,
+the one place aiohttp client exceptions become `UpstreamError`s. Admission
+(proxy.http.fairness) comes before the body is read; retries (proxy.http.retries)
+wrap each send, below the 401 replay.
 Must not parse OAuth responses, refresh tokens, decompress, or read bodies whole.
 """
 
 from __future__ import annotations
 
-import asyncio
-import io
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -22,17 +22,24 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.config import Config
-from proxy.errors import ClientBodyTimeout, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import (
+    ClientBodyTimeout,
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from proxy.http.access_log import REQUEST_ID_HEADER, add_upstream_time, request_id
+from proxy.http.body import Body, read_body
+from proxy.http.fairness import FAIRNESS_KEY
 from proxy.http.keys import UPSTREAM_SESSION_KEY
-from proxy.http.select import credentials_for
+from proxy.http.retries import RetryPlan, send_with_retries
+from proxy.http.select import connection_name, credentials_for
 from proxy.lifecycle.credentials import CredentialSource
 from proxy.ops.metrics import metrics_of
 from proxy.ops.reload import current_config
 from proxy.secret import Secret
 
-CHUNK_SIZE = 64 * 1024
-LARGE_BYTES_BODY = 1024 * 1024
 REPLAY_HEADER = "X-Pleo-Proxy-Replay"
 REPLAY_BODY_TOO_LARGE = "body-too-large"
 
@@ -57,28 +64,6 @@ REPLACED_REQUEST_HEADERS = frozenset({"host", "authorization", "expect", "x-pleo
 
 
 @dataclass(frozen=True)
-class Body:
-    """The request body as it will be sent: kept whole (replayable) or streamed once."""
-
-    data: bytes | None = None
-    stream: AsyncIterator[bytes] | None = None
-
-    @property
-    def replayable(self) -> bool:
-        return self.stream is None
-
-    def payload(self) -> bytes | io.BytesIO | AsyncIterator[bytes] | None:
-        """What aiohttp sends; a fresh object per call, so a kept body can be sent twice."""
-        if self.stream is not None:
-            return self.stream
-        if self.data is not None and len(self.data) > LARGE_BYTES_BODY:
-            # aiohttp warns about (and writes in one go) large raw bytes; BytesIO is
-            # written in chunks and shares the buffer rather than copying it.
-            return io.BytesIO(self.data)
-        return self.data
-
-
-@dataclass(frozen=True)
 class Outbound:
     """Everything about the upstream request except the Authorization value."""
 
@@ -87,6 +72,7 @@ class Outbound:
     headers: CIMultiDict[str]
     body: Body
     timeout: aiohttp.ClientTimeout  # from the live config: a reload changes it
+    retry: RetryPlan  # how many attempts upstream.retries allows this request
 
 
 @contextmanager
@@ -120,6 +106,8 @@ def _body_timeout_cause(exc: BaseException) -> ClientBodyTimeout | None:
 
 
 def _upstream_error(exc: BaseException) -> UpstreamError:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamConnectTimeout("could not connect to the Pleo API within the timeout")
     if isinstance(exc, TimeoutError):  # also aiohttp.ServerTimeoutError and its subclasses
         return UpstreamTimeout("the Pleo API did not answer within the timeout")
     if isinstance(exc, aiohttp.ClientConnectorError):
@@ -162,81 +150,6 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-async def defer_continue(request: web.Request) -> web.StreamResponse | None:
-    """Expect handler: answer `100 Continue` only when the forwarder reads the body.
-
-    aiohttp's default sends it before the middlewares run; deferring it means a request
-    the guard refuses is refused before the client uploads anything.
-    """
-    if request.headers.get("Expect", "").lower() != "100-continue":
-        return web.json_response(
-            {"error": "expectation_failed", "detail": "only Expect: 100-continue is supported"},
-            status=417,
-        )
-    return None
-
-
-async def _send_continue(request: web.Request) -> None:
-    if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        # Like aiohttp's own expect handler: the interim line is not part of the body.
-        request.writer.output_size = 0
-
-
-async def _read_chunk(stream: aiohttp.StreamReader, size: int, stall_after: float) -> bytes:
-    """One read of the client's body; a client that stops sending is cut off."""
-    try:
-        async with asyncio.timeout(stall_after):
-            return await (stream.read(size) if size > 0 else stream.readany())
-    except TimeoutError:
-        raise ClientBodyTimeout(
-            f"no request body bytes for {stall_after:g} s; the request was abandoned"
-        ) from None
-
-
-async def _read_up_to(stream: aiohttp.StreamReader, limit: int, stall_after: float) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-    while size < limit:
-        chunk = await _read_chunk(stream, min(CHUNK_SIZE, limit - size), stall_after)
-        if not chunk:
-            break
-        parts.append(chunk)
-        size += len(chunk)
-    return b"".join(parts)
-
-
-async def _relay_stream(
-    prefix: bytes, stream: aiohttp.StreamReader, stall_after: float
-) -> AsyncIterator[bytes]:
-    if prefix:
-        yield prefix
-    # Whatever has arrived, as it is: re-cutting into exact sizes halved upload
-    # throughput (bench/README.md); the reader's buffer limit still bounds memory.
-    while chunk := await _read_chunk(stream, 0, stall_after):
-        yield chunk
-
-
-async def read_body(request: web.Request, limit: int, *, stall_after: float) -> Body:
-    """Decide up front whether the body can be replayed (kept, ≤ limit) or is streamed once.
-
-    `stall_after` bounds each wait for client bytes (the read timeout, as upstream).
-    """
-    if not request.body_exists:
-        return Body()
-    await _send_continue(request)
-    length = request.content_length
-    if length is not None and length <= limit:
-        return Body(data=await _read_up_to(request.content, length, stall_after))
-    if length is not None:
-        return Body(stream=_relay_stream(b"", request.content, stall_after))
-    # Unknown length (chunked): read one byte past the limit to learn which case it is.
-    prefix = await _read_up_to(request.content, limit + 1, stall_after)
-    if len(prefix) <= limit:
-        return Body(data=prefix)
-    return Body(stream=_relay_stream(prefix, request.content, stall_after))
-
-
 def _outbound(request: web.Request, config: Config, body: Body, raw_path: str) -> Outbound:
     headers = strip_hop_by_hop(request.raw_headers, drop=REPLACED_REQUEST_HEADERS)
     # Pleo sees the id our log line carries: the client's when sane, else ours.
@@ -248,7 +161,8 @@ def _outbound(request: web.Request, config: Config, body: Body, raw_path: str) -
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=config.timeouts.connect, sock_read=config.timeouts.read
     )
-    return Outbound(request.method, url, headers, body, timeout)
+    retry = RetryPlan.for_request(config.upstream, request.method, replayable=body.replayable)
+    return Outbound(request.method, url, headers, body, timeout, retry)
 
 
 @dataclass(frozen=True)
@@ -270,6 +184,17 @@ class _Observer:
 
 
 async def _send(
+    session: aiohttp.ClientSession, outbound: Outbound, authorization: Secret, observe: _Observer
+) -> aiohttp.ClientResponse:
+    """One exchange with Pleo: a single attempt, or more where `upstream.retries` allows."""
+    return await send_with_retries(
+        lambda: _send_once(session, outbound, authorization, observe),
+        outbound.retry,
+        events=metrics_of(observe.request),
+    )
+
+
+async def _send_once(
     session: aiohttp.ClientSession, outbound: Outbound, authorization: Secret, observe: _Observer
 ) -> aiohttp.ClientResponse:
     headers = CIMultiDict(outbound.headers)
@@ -344,10 +269,18 @@ async def _relay_response(
 
 async def forward(request: web.Request) -> web.StreamResponse:
     """The catch-all handler: relay the request to the Pleo API with the credential added."""
+    # Before the body is read: a request for no known connection is refused unread, and
+    # so is one over its connection's limits (429, its slot held until the answer ends).
+    credentials, raw_path = await credentials_for(request)
+    with request.config_dict[FAIRNESS_KEY].slot(connection_name(credentials)):
+        return await _forward(request, credentials, raw_path)
+
+
+async def _forward(
+    request: web.Request, credentials: CredentialSource, raw_path: str
+) -> web.StreamResponse:
     config = current_config(request.app)
     session = request.config_dict[UPSTREAM_SESSION_KEY]
-    # Before the body is read: a request for no known connection is refused unread.
-    credentials, raw_path = await credentials_for(request)
     try:
         body = await read_body(
             request, config.refresh.replay_body_limit, stall_after=config.timeouts.read

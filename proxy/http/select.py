@@ -104,6 +104,11 @@ async def manager_for(request: web.Request, name: str | None) -> TokenManager:
     return manager
 
 
+def connection_name(credentials: CredentialSource) -> str:
+    """The name of the connection `credentials` serves (API-key mode: `default`)."""
+    return credentials.name if isinstance(credentials, TokenManager) else DEFAULT_CONNECTION
+
+
 async def credentials_for(request: web.Request) -> tuple[CredentialSource, str]:
     """The credential source for this request and the raw target to send upstream."""
     target = target_of(request)

@@ -39,6 +39,10 @@ GUARD_REASONS = (
     "absolute_form_not_allowed",
     "method_not_allowed",
 )
+RATE_LIMIT_REASONS = ("concurrency", "rate")
+# What the attempt before a retry met: a connection error, or one of these statuses.
+RETRY_REASONS = ("connection_error", "429", "502", "503", "504")
+RETRY_STOPS = ("exhausted", "retry_after_over_cap")
 # Upstream answers range from a few ms (cached) to minutes (exports).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 LOCK_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30)
@@ -158,6 +162,34 @@ class Metrics(TokenEvents):
         )
         for result in REPLAY_RESULTS:
             self.replays.labels(result)
+        self._define_fairness()
+
+    def _define_fairness(self) -> None:
+        registry = self.registry
+        self.limited = Counter(
+            "pleo_proxy_rate_limited",
+            "Requests refused by limits.per_connection, by reason (never by connection)",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in RATE_LIMIT_REASONS:
+            self.limited.labels(reason)
+        self.retries = Counter(
+            "pleo_proxy_upstream_retries",
+            "Upstream attempts repeated (upstream.retries), by what the previous one met",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in RETRY_REASONS:
+            self.retries.labels(reason)
+        self.retry_stops = Counter(
+            "pleo_proxy_upstream_retries_given_up",
+            "Retryable failures passed on without another attempt, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in RETRY_STOPS:
+            self.retry_stops.labels(reason)
 
     def _define_tokens(self) -> None:
         registry = self.registry
@@ -202,6 +234,15 @@ class Metrics(TokenEvents):
 
     def replayed(self, result: str) -> None:
         self.replays.labels(result if result in REPLAY_RESULTS else "other").inc()
+
+    def rate_limited(self, reason: str) -> None:
+        self.limited.labels(reason if reason in RATE_LIMIT_REASONS else "other").inc()
+
+    def upstream_retried(self, reason: str) -> None:
+        self.retries.labels(reason if reason in RETRY_REASONS else "other").inc()
+
+    def upstream_gave_up(self, reason: str) -> None:
+        self.retry_stops.labels(reason if reason in RETRY_STOPS else "other").inc()
 
     # -- TokenEvents -------------------------------------------------------------------
 

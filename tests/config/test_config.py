@@ -14,10 +14,12 @@ from proxy.config import (
     Config,
     Limits,
     Listen,
+    PerConnection,
     Pleo,
     Refresh,
     Timeouts,
     TokensConfig,
+    Upstream,
     environment_defaults,
     is_loopback_host,
     load_config,
@@ -84,6 +86,7 @@ def test_example_file_loads_with_its_variables_set() -> None:
     assert dataclasses.astuple(config.timeouts) == (10, 120, 15, 30)
     assert config.log_level == "info"
     assert config.limits == Limits()
+    assert config.upstream == Upstream()
 
 
 def test_example_file_mentions_every_key() -> None:
@@ -91,7 +94,7 @@ def test_example_file_mentions_every_key() -> None:
     keys = [f.name for f in dataclasses.fields(Config)]
     keys += [
         f.name
-        for cls in (Listen, Pleo, TokensConfig, Refresh, Timeouts, Limits)
+        for cls in (Listen, Pleo, TokensConfig, Refresh, Timeouts, Limits, PerConnection, Upstream)
         for f in dataclasses.fields(cls)
     ]
     keys += ["client_secret_file", "api_key_file"]
@@ -650,7 +653,7 @@ def test_limits_out_of_range_or_mistyped_are_problems() -> None:
         "limits.max_headers: must be from 1 to 10000, got 0",
         "limits.idle_timeout: must be greater than zero",
         "limits.max_body: unknown key; expected one of max_request_line, max_header_size,"
-        " max_headers, idle_timeout",
+        " max_headers, idle_timeout, per_connection",
     ]
     assert problems(doc(limits={"max_headers": [1]})) == [
         "limits.max_headers: expected an integer, got a list"

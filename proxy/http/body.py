@@ -1,0 +1,119 @@
+"""The request body as the forwarder sends it: kept whole (replayable) or streamed once.
+
+Owns the up-front decision (httpx's `requires_request_body` idea: a body up to the
+replay bound is kept, a larger or unknown-past-the-bound one is streamed and never
+replayed), the deferred `100 Continue`, and cutting off a client that stops sending.
+Must not forward, retry or read more than the bound plus one byte before deciding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from proxy.errors import ClientBodyTimeout
+
+CHUNK_SIZE = 64 * 1024
+LARGE_BYTES_BODY = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Body:
+    """The request body as it will be sent: kept whole (replayable) or streamed once."""
+
+    data: bytes | None = None
+    stream: AsyncIterator[bytes] | None = None
+
+    @property
+    def replayable(self) -> bool:
+        return self.stream is None
+
+    def payload(self) -> bytes | io.BytesIO | AsyncIterator[bytes] | None:
+        """What aiohttp sends; a fresh object per call, so a kept body can be sent twice."""
+        if self.stream is not None:
+            return self.stream
+        if self.data is not None and len(self.data) > LARGE_BYTES_BODY:
+            # aiohttp warns about (and writes in one go) large raw bytes; BytesIO is
+            # written in chunks and shares the buffer rather than copying it.
+            return io.BytesIO(self.data)
+        return self.data
+
+
+async def defer_continue(request: web.Request) -> web.StreamResponse | None:
+    """Expect handler: answer `100 Continue` only when the forwarder reads the body.
+
+    aiohttp's default sends it before the middlewares run; deferring it means a request
+    the guard refuses is refused before the client uploads anything.
+    """
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return web.json_response(
+            {"error": "expectation_failed", "detail": "only Expect: 100-continue is supported"},
+            status=417,
+        )
+    return None
+
+
+async def _send_continue(request: web.Request) -> None:
+    if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # Like aiohttp's own expect handler: the interim line is not part of the body.
+        request.writer.output_size = 0
+
+
+async def _read_chunk(stream: aiohttp.StreamReader, size: int, stall_after: float) -> bytes:
+    """One read of the client's body; a client that stops sending is cut off."""
+    try:
+        async with asyncio.timeout(stall_after):
+            return await (stream.read(size) if size > 0 else stream.readany())
+    except TimeoutError:
+        raise ClientBodyTimeout(
+            f"no request body bytes for {stall_after:g} s; the request was abandoned"
+        ) from None
+
+
+async def _read_up_to(stream: aiohttp.StreamReader, limit: int, stall_after: float) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await _read_chunk(stream, min(CHUNK_SIZE, limit - size), stall_after)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
+
+
+async def _relay_stream(
+    prefix: bytes, stream: aiohttp.StreamReader, stall_after: float
+) -> AsyncIterator[bytes]:
+    if prefix:
+        yield prefix
+    # Whatever has arrived, as it is: re-cutting into exact sizes halved upload
+    # throughput (bench/README.md); the reader's buffer limit still bounds memory.
+    while chunk := await _read_chunk(stream, 0, stall_after):
+        yield chunk
+
+
+async def read_body(request: web.Request, limit: int, *, stall_after: float) -> Body:
+    """Decide up front whether the body can be replayed (kept, ≤ limit) or is streamed once.
+
+    `stall_after` bounds each wait for client bytes (the read timeout, as upstream).
+    """
+    if not request.body_exists:
+        return Body()
+    await _send_continue(request)
+    length = request.content_length
+    if length is not None and length <= limit:
+        return Body(data=await _read_up_to(request.content, length, stall_after))
+    if length is not None:
+        return Body(stream=_relay_stream(b"", request.content, stall_after))
+    # Unknown length (chunked): read one byte past the limit to learn which case it is.
+    prefix = await _read_up_to(request.content, limit + 1, stall_after)
+    if len(prefix) <= limit:
+        return Body(data=prefix)
+    return Body(stream=_relay_stream(prefix, request.content, stall_after))
