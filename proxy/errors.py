@@ -16,6 +16,7 @@
     │   ├── InvalidConnectionName   not `^[a-z0-9][a-z0-9._-]{0,62}$` (400)
     │   └── ConnectionMismatch      the header, prefix and port name different ones (400)
     └── UpstreamError               the Pleo API could not be reached
+        ├── UpstreamBusy            no upstream connection free in time (503)
         ├── UpstreamUnreachable     connect failed or connection reset (502)
         └── UpstreamTimeout         no byte within the read timeout (504)
             └── UpstreamConnectTimeout  not even connected within the connect timeout
@@ -164,6 +165,16 @@ class ConnectionMismatch(SelectionError):
 class UpstreamError(ProxyError):
     code = "upstream_error"
     status = 502
+
+
+class UpstreamBusy(UpstreamError):
+    """Every upstream connection stayed in use for `upstream.queue_timeout`."""
+
+    code = "upstream_busy"
+    status = 503
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class UpstreamUnreachable(UpstreamError):

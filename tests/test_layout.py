@@ -37,7 +37,6 @@ COVERED_BY = {
     "proxy/http/body.py": "tests/http/test_forward.py",
     "proxy/http/keys.py": "tests/http/test_app.py",
     "proxy/http/serve.py": "tests/http/test_app.py",
-    "proxy/http/upstream.py": "tests/test_env_proxy.py",
     "proxy/lifecycle/__init__.py": None,
     "proxy/lifecycle/credentials.py": "tests/http/test_forward.py",
     "proxy/lifecycle/rules.py": "tests/lifecycle/test_manager.py",

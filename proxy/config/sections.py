@@ -14,8 +14,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from proxy.config.reader import Reader, SectionList, Spec, valid
+from proxy.config.traffic import parse_rate as parse_rate
 from proxy.config.values import (
-    describe,
     parse_duration,
     parse_integer,
     parse_list_of,
@@ -134,15 +134,6 @@ def sections_spec(path: Callable[[object], Path], parse_host: Callable[[object],
             "public_url": _public_url,
         },
     }
-
-
-def parse_rate(value: object) -> float:
-    """A positive rate per second, e.g. 20 or 0.5."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"expected a number of calls per second, got {describe(value)}")
-    if not 0 < value <= 100_000:
-        raise ValueError(f"expected a rate above 0 and at most 100000, got {value}")
-    return float(value)
 
 
 def max_concurrent_parser() -> Callable[[object], int]:

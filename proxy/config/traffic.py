@@ -49,6 +49,10 @@ class Upstream:
 
     retries: int = 0  # extra attempts for idempotent requests; 0: never retried
     retry_after_cap: float = 10.0  # the longest wait before one retry, Retry-After included
+    # Connections to the Pleo API at once (0: no bound); a request waits for one at most
+    # `queue_timeout`, then gets 503 upstream_busy.
+    max_connections: int = 1000
+    queue_timeout: float = 10.0
 
 
 _NUMBER = re.compile(r"\s*[+]?(\d+(\.\d*)?|\.\d+)\s*")
@@ -84,7 +88,12 @@ def per_connection_spec() -> Spec:
 
 def upstream_spec() -> Spec:
     """The keys of the `upstream` section."""
-    return {"retries": parse_within(parse_integer, 0, 10), "retry_after_cap": _parse_cap}
+    return {
+        "retries": parse_within(parse_integer, 0, 10),
+        "retry_after_cap": _parse_cap,
+        "max_connections": parse_within(parse_integer, 0, 1_000_000),
+        "queue_timeout": parse_duration(zero_ok=False),
+    }
 
 
 def build_per_connection(values: Mapping[str, Any], reader: Reader) -> PerConnection:

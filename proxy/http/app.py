@@ -38,7 +38,7 @@ from proxy.http.keys import (
 )
 from proxy.http.limits import server_limits
 from proxy.http.probes import connection_probe_routes, probe_routes
-from proxy.http.upstream import upstream_session_ctx
+from proxy.http.upstream import UPSTREAM_GATE_KEY, UpstreamGate, upstream_session_ctx
 from proxy.lifecycle.credentials import ApiKeySource, CredentialSource
 from proxy.lifecycle.manager import TokenState
 from proxy.lifecycle.registry import Registry, StateHook
@@ -206,6 +206,9 @@ def build_app(
     app[REFUSALS_KEY] = collections.Counter()
     app[METRICS_KEY] = _metrics(app)
     # One table for every listener (listener_app shares it): limits are per connection.
+    app[UPSTREAM_GATE_KEY] = UpstreamGate(
+        config.upstream.max_connections, config.upstream.queue_timeout
+    )
     app[FAIRNESS_KEY] = Fairness(
         config.limits.per_connection, on_refusal=app[METRICS_KEY].rate_limited
     )

@@ -35,6 +35,7 @@ from proxy.http.fairness import FAIRNESS_KEY
 from proxy.http.keys import UPSTREAM_SESSION_KEY
 from proxy.http.retries import RetryPlan, send_with_retries
 from proxy.http.select import connection_name, credentials_for
+from proxy.http.upstream import UPSTREAM_GATE_KEY
 from proxy.lifecycle.credentials import CredentialSource
 from proxy.ops.metrics import metrics_of
 from proxy.ops.reload import current_config
@@ -273,7 +274,8 @@ async def forward(request: web.Request) -> web.StreamResponse:
     # so is one over its connection's limits (429, its slot held until the answer ends).
     credentials, raw_path = await credentials_for(request)
     with request.config_dict[FAIRNESS_KEY].slot(connection_name(credentials)):
-        return await _forward(request, credentials, raw_path)
+        async with request.config_dict[UPSTREAM_GATE_KEY].slot():
+            return await _forward(request, credentials, raw_path)
 
 
 async def _forward(

@@ -6,6 +6,8 @@ for the API host, read once. Must not retry, decompress, or read `~/.netrc`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ssl
 from collections.abc import AsyncIterator
 
@@ -14,10 +16,9 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.config import Config
+from proxy.errors import UpstreamBusy
 from proxy.http.keys import CONFIG_KEY, UPSTREAM_SESSION_KEY
 
-# Upstream pool: enough for bursts of concurrent API calls, small enough to be polite.
-UPSTREAM_CONNECTION_LIMIT = 100
 UPSTREAM_KEEPALIVE_SECONDS = 30.0
 # The client adds none of its own: the upstream sees what our client sent.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept-Encoding", "Content-Type")
@@ -43,7 +44,8 @@ def upstream_session(config: Config) -> aiohttp.ClientSession:
     """The one upstream session: raw bytes, no cookies, no headers of its own."""
     env_proxy, env_proxy_auth = environment_proxy(config.pleo.api_url)
     connector = aiohttp.TCPConnector(
-        limit=UPSTREAM_CONNECTION_LIMIT,
+        # The gate below bounds connections; aiohttp's own queue would wait without bound.
+        limit=config.upstream.max_connections,
         keepalive_timeout=UPSTREAM_KEEPALIVE_SECONDS,
         ssl=upstream_ssl_context(config),
     )
@@ -69,3 +71,33 @@ async def upstream_session_ctx(app: web.Application) -> AsyncIterator[None]:
     async with upstream_session(app[CONFIG_KEY]) as session:
         app[UPSTREAM_SESSION_KEY] = session
         yield
+
+
+class UpstreamGate:
+    """At most `upstream.max_connections` requests use an upstream connection at once; a
+    request that waits longer than `upstream.queue_timeout` for one gets 503 upstream_busy
+    (a slow Pleo must not make requests queue inside the proxy without bound)."""
+
+    def __init__(self, max_connections: int, queue_timeout: float) -> None:
+        self._free = asyncio.Semaphore(max_connections) if max_connections else None
+        self._queue_timeout = queue_timeout
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self._free is None:
+            yield
+            return
+        try:
+            async with asyncio.timeout(self._queue_timeout):
+                await self._free.acquire()
+        except TimeoutError:
+            raise UpstreamBusy(
+                "every connection to the Pleo API is in use; try again shortly"
+            ) from None
+        try:
+            yield
+        finally:
+            self._free.release()
+
+
+UPSTREAM_GATE_KEY = web.AppKey("upstream_gate", UpstreamGate)
