@@ -45,6 +45,8 @@ SMALL_BODY = json.dumps(
     }
 ).encode()
 TARGETS = ("direct", "forwarder", "proxy")
+SLOW_SECONDS = 0.5
+SLOW_CLIENTS = 512
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 # Hop-by-hop headers (RFC 9110 §7.6.1) never cross a forwarder.
@@ -94,9 +96,22 @@ async def upload(request: web.Request) -> web.Response:
     return web.json_response({"received": received})
 
 
+async def slow(request: web.Request) -> web.Response:
+    """`GET /slow`: the small body after SLOW_SECONDS, as a busy remote API answers."""
+    await asyncio.sleep(SLOW_SECONDS)
+    return web.Response(body=SMALL_BODY, content_type="application/json")
+
+
 def upstream_app() -> web.Application:
     app = web.Application()
-    app.add_routes([web.get("/small", small), web.get("/big", big), web.post("/upload", upload)])
+    app.add_routes(
+        [
+            web.get("/small", small),
+            web.get("/slow", slow),
+            web.get("/big", big),
+            web.post("/upload", upload),
+        ]
+    )
     return app
 
 
@@ -108,7 +123,8 @@ def forwarder_app(upstream: str) -> web.Application:
     session_key = web.AppKey("session", aiohttp.ClientSession)
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
-        async with aiohttp.ClientSession(auto_decompress=False) as session:
+        connector = aiohttp.TCPConnector(limit=0)  # no pool queue of its own
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
             app[session_key] = session
             yield
 
@@ -299,7 +315,7 @@ async def _small_worker(
 
 
 async def _small_round(url: str, connections: int, seconds: float) -> tuple[list[float], float]:
-    connector = aiohttp.TCPConnector(limit=connections)
+    connector = aiohttp.TCPConnector(limit=connections, limit_per_host=connections)
     latencies: list[float] = []
     async with aiohttp.ClientSession(connector=connector) as session:
         started = time.perf_counter()
@@ -309,9 +325,11 @@ async def _small_round(url: str, connections: int, seconds: float) -> tuple[list
         return latencies, time.perf_counter() - started
 
 
-async def measure_small(base: str, connections: int, seconds: float) -> Latency:
+async def measure_small(
+    base: str, connections: int, seconds: float, *, path: str = "/small"
+) -> Latency:
     """Small GETs over `connections` keep-alive connections, after a short warm-up."""
-    url = base + "/small"
+    url = base + path
     await _small_round(url, connections, min(1.0, seconds / 4))
     latencies, elapsed = await _small_round(url, connections, seconds)
     latencies.sort()
@@ -405,6 +423,19 @@ async def small_rows(servers: dict[str, Server], connections: int, seconds: floa
     ]
 
 
+async def slow_rows(servers: dict[str, Server], seconds: float) -> list[Row]:
+    """Many clients waiting on a slow upstream: the proxy must not queue them itself."""
+    results = {
+        name: await measure_small(servers[name].url, SLOW_CLIENTS, max(seconds, 3.0), path="/slow")
+        for name in TARGETS
+    }
+    label = f"{SLOW_SECONDS * 1000:.0f} ms upstream, {SLOW_CLIENTS} conn"
+    return [
+        (f"{label}: req/s", {n: r.rps for n, r in results.items()}),
+        (f"{label}: p50 ms", {n: r.p50_ms for n, r in results.items()}),
+    ]
+
+
 async def transfer_rows(servers: dict[str, Server], size: int, *, upload: bool) -> list[Row]:
     results = {
         name: await measure_transfer(servers[name], size, upload_direction=upload)
@@ -422,6 +453,7 @@ async def run_all(settings: Settings) -> list[Row]:
         async with start_servers(Path(tmp)) as servers:
             rows = await small_rows(servers, 1, settings.seconds)
             rows += await small_rows(servers, 64, settings.seconds)
+            rows += await slow_rows(servers, settings.seconds)
             rows += await transfer_rows(servers, settings.download_bytes, upload=False)
             rows += await transfer_rows(servers, settings.upload_bytes, upload=True)
             return rows

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -133,6 +134,7 @@ class Metrics(TokenEvents):
 
     def _define_traffic(self) -> None:
         registry = self.registry
+        self._request_children: dict[tuple[str, str], Any] = {}
         self.requests = Counter(
             "pleo_proxy_requests",
             "Requests answered, by method and status class",
@@ -225,7 +227,12 @@ class Metrics(TokenEvents):
     # -- observations ------------------------------------------------------------------
 
     def request_done(self, method: str, status: int, *, bytes_in: int, bytes_out: int) -> None:
-        self.requests.labels(method_label(method), status_class(status)).inc()
+        key = (method_label(method), status_class(status))
+        child = self._request_children.get(key)
+        if child is None:
+            # Bound once per label pair: labels() takes a lock and builds a key each call.
+            child = self._request_children[key] = self.requests.labels(*key)
+        child.inc()
         self.bytes_in.inc(max(0, bytes_in))
         self.bytes_out.inc(max(0, bytes_out))
 

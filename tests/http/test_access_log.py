@@ -123,3 +123,11 @@ async def test_one_access_line_per_request_without_the_query(access_lines: io.St
     assert forwarded["upstream_ms"] >= 0
     assert forwarded["duration_ms"] >= forwarded["upstream_ms"]
     assert healthz["upstream_ms"] is None  # never went upstream
+
+
+def test_generated_request_ids_are_unique_and_plain() -> None:
+    from proxy.http.access_log import new_request_id
+
+    ids = {new_request_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    assert all(len(i) == 32 and all(c in "0123456789abcdef" for c in i) for i in ids)

@@ -125,3 +125,13 @@ def test_a_rejected_requests_bytes_never_reach_the_stream(captured: io.StringIO)
     assert "LineTooLong" in written
     assert "q" * 30 not in written
     assert OPAQUE_TOKEN not in written
+
+
+def test_text_without_any_trigger_is_returned_as_it_is_and_triggers_still_redact() -> None:
+    from proxy.ops.logs import redact
+
+    plain = "/v1/expenses/0b1e-4c2a"
+    assert redact(plain) is plain
+    assert redact("/v1/x?access_token=abcdefgh") == "/v1/x?access_token=[redacted]"
+    assert "abcdefgh" not in redact("Bearer abcdefgh")
+    assert "[redacted]" in redact("eyJabcdefghij.eyJabcdefghij.sig")
