@@ -26,6 +26,7 @@ log = logging.getLogger("proxy.tokens")
 
 Lookup = Callable[[str], Awaitable["TokenManager | None"]]
 Entry = tuple[float, int, str]  # (due, sequence, connection)
+MIN_GAP = 1.0  # seconds between two background refreshes of one connection, at least
 
 
 class RefreshScheduler:
@@ -125,4 +126,8 @@ class RefreshScheduler:
             # Tried again after the longest backoff; the state change reschedules otherwise.
             self.schedule(name, Due(self._clock() + BACKOFF_CAP, keepalive=due.keepalive))
             return
-        self.schedule(name, manager.next_refresh(self._clock(), jitter=True))
+        after = manager.next_refresh(self._clock(), jitter=True)
+        if after is not None and after.at <= self._clock():
+            # Still due right after a refresh: never spin on one connection.
+            after = Due(self._clock() + MIN_GAP, keepalive=after.keepalive)
+        self.schedule(name, after)
