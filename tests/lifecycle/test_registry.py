@@ -150,3 +150,20 @@ async def test_an_unreadable_connection_harms_no_other(
         assert good.state is TokenState.AUTHORISED
         with pytest.raises(StoreError):
             await registry.find("broken")
+
+
+async def test_idle_connections_beyond_the_cache_are_dropped_and_read_again(
+    sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    config = config_for(sandbox, tmp_path)
+    config = replace(config, connections=replace(config.connections, cache=10))
+    await set_knobs(sandbox.url, auto_approve=True, redirect_uris=[config.pleo.redirect_uri])
+    async with registry_for(config) as registry:
+        for index in range(30):
+            await registry.install(f"c{index:02d}", await grant_tokens(config, now=time.time()))
+        assert len(registry.managers()) <= 10, "least recently used ones were dropped"
+        assert len(registry) == 30, "all still exist"
+        first = await registry.find("c00")
+        assert first is not None
+        assert first.state is TokenState.AUTHORISED, "read again from the store"
+        assert (await first.authorization()).reveal().startswith("Bearer ")
