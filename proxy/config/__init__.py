@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 
+from proxy.config.listen import ClientKey as ClientKey, build_listen_access, listen_spec
 from proxy.config.reader import Reader, Spec, valid as valid_values
 from proxy.config.sections import (
     Admin as Admin,
@@ -93,6 +94,15 @@ class Listen:
     port: int = 8080  # 0 = an ephemeral port (then pleo.redirect_uri must be explicit)
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()  # normalised: "scheme://host[:port]", lower case
+    # Required for a listener beyond loopback; when set, every request but the exempt
+    # ones (proxy.http.client_keys) must present one.
+    client_keys: tuple[ClientKey, ...] = ()
+    tls_cert: Path | None = None  # PEM; with tls_key, the main and connection ports speak TLS
+    tls_key: Path | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert is not None else "http"
 
 
 @dataclass(frozen=True)
@@ -205,6 +215,7 @@ def _spec(base_dir: Path, environ: Mapping[str, str]) -> Spec:
             "port": parse_port,
             "allowed_hosts": parse_list_of(parse_host),
             "allowed_origins": parse_list_of(parse_origin),
+            **listen_spec(path),
         },
         "pleo": {
             "environment": parse_choice("environment", get_args(Environment)),
@@ -272,7 +283,7 @@ def _build_pleo(
     valid = valid_values(values)
     api_url, authorize_url, token_url = environment_defaults(valid.get("environment", "production"))
     # Pages behind a public front: Pleo sends the browser back there.
-    redirect_uri = f"{public_url or f'http://localhost:{listen.port}'}{CALLBACK_PATH}"
+    redirect_uri = f"{public_url or f'{listen.scheme}://localhost:{listen.port}'}{CALLBACK_PATH}"
     if "api_key" not in values and "api_key_file" not in values:  # OAuth mode
         if "client_id" not in values:
             reader.add("pleo.client_id", "required (or set pleo.api_key for API-key mode)", at=at)
@@ -309,8 +320,13 @@ def _build_tokens(values: dict[str, Any], reader: Reader) -> TokensConfig:
     return replace(TokensConfig(), **(valid | {"path": path, "key_file": key_file}))
 
 
+def _build_listen(values: dict[str, Any], reader: Reader) -> Listen:
+    fields = valid_values(values) | build_listen_access(values, reader)
+    return replace(Listen(), **fields)
+
+
 def _build(values: dict[str, Any], reader: Reader) -> Config:
-    listen = replace(Listen(), **valid_values(values.get("listen", {})))
+    listen = _build_listen(values.get("listen", {}), reader)
     sections = build_sections(values, reader, main_port=listen.port)
     pleo = _build_pleo(values.get("pleo", {}), listen, reader, public_url=sections.pages.public_url)
     if pleo.uses_api_key and not sections.connections.implicit_default:

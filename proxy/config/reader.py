@@ -25,6 +25,9 @@ class SectionList:
     spec: Spec
     shorthand: str | None = None
     section: Spec | None = None  # the mapping form's own keys, when `shorthand` is set
+    # Items that may be secrets (`client_keys`): a misshapen one is described by its
+    # kind only, never by its value (`- my-key` where `- key: my-key` was meant).
+    masked: bool = False
 
 
 Spec = Mapping[str, Union[Parser, "Spec", SectionList]]
@@ -70,16 +73,26 @@ class Reader:
                 return {entry.shorthand: self.sections(raw, path, entry.spec)}
             inner = {**entry.section, entry.shorthand: SectionList(entry.spec)}
             return self.section(raw, path, inner)
-        return self.sections(raw, path, entry.spec)
+        return self.sections(raw, path, entry.spec, masked=entry.masked)
 
-    def sections(self, value: object, path: str, spec: Spec) -> list[dict[str, Any]] | object:
+    def sections(
+        self, value: object, path: str, spec: Spec, *, masked: bool = False
+    ) -> list[Any] | object:
         """Each mapping of a list, parsed; problems at `path[index].key`."""
+        shown = _kind if masked else describe
         if value is None:
             return []
         if not isinstance(value, list):
-            self.add(path, f"expected a list, got {describe(value)}")
+            self.add(path, f"expected a list, got {shown(value)}")
             return INVALID
-        return [self.section(item, f"{path}[{i}]", spec) for i, item in enumerate(value)]
+        out: list[Any] = []
+        for i, item in enumerate(value):
+            if masked and item is not None and not isinstance(item, Mapping):
+                self.add(f"{path}[{i}]", f"expected a mapping, got {shown(item)}")
+                out.append(INVALID)
+                continue
+            out.append(self.section(item, f"{path}[{i}]", spec))
+        return out
 
     def value(self, raw: object, path: str, parse: Parser) -> Any:
         try:
@@ -98,6 +111,14 @@ def key_path_of(path: str, key: object) -> str:
     so every problem still reads as one unambiguous `path: message` line."""
     name = key if isinstance(key, str) and _PLAIN_KEY.fullmatch(key) else repr(key)
     return f"{path}.{name}" if path else name
+
+
+def _kind(value: object) -> str:
+    """What `value` is, without showing it: `a string`, `an integer`, `a mapping`."""
+    if isinstance(value, Mapping | list):
+        return describe(value)
+    kinds = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
+    return kinds.get(type(value), f"a value of type {type(value).__name__}")
 
 
 def _unknown_key(key: object, spec: Spec) -> str:

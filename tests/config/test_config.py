@@ -11,6 +11,7 @@ import pytest
 
 from proxy.config import (
     SANDBOX_DEFAULT_PORT,
+    ClientKey,
     Config,
     Limits,
     Listen,
@@ -94,10 +95,20 @@ def test_example_file_mentions_every_key() -> None:
     keys = [f.name for f in dataclasses.fields(Config)]
     keys += [
         f.name
-        for cls in (Listen, Pleo, TokensConfig, Refresh, Timeouts, Limits, PerConnection, Upstream)
+        for cls in (
+            Listen,
+            ClientKey,
+            Pleo,
+            TokensConfig,
+            Refresh,
+            Timeouts,
+            Limits,
+            PerConnection,
+            Upstream,
+        )
         for f in dataclasses.fields(cls)
     ]
-    keys += ["client_secret_file", "api_key_file"]
+    keys += ["client_secret_file", "api_key_file", "key_file"]
     for key in keys:
         assert f"{key}:" in text, key
 
