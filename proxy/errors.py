@@ -10,6 +10,7 @@
     │   └── TransientOAuthError     network, timeout, 5xx, 429: worth retrying later
     ├── ClientBodyTimeout           the client stopped sending its request body (408)
     ├── RateLimited                 over the connection's limits.per_connection (429)
+    ├── ConnectionNotAllowed        the client key is limited to other connections (403)
     ├── SelectionError              which connection a request means is unclear
     │   ├── UnknownConnection       no connection of that name (404)
     │   ├── ConnectionRequired      several connections and no `default`: name one (400)
@@ -135,6 +136,11 @@ class RateLimited(ProxyError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
+
+
+class ConnectionNotAllowed(ProxyError):
+    code = "connection_not_allowed"
+    status = 403
 
 
 class SelectionError(ProxyError):

@@ -156,3 +156,16 @@ def test_unusable_state_directory(tmp_path: Path) -> None:
     assert code == 1
     assert len(errors) == 1
     assert "a-file" in errors[0]
+
+
+def test_beyond_loopback_without_client_keys(tmp_path: Path) -> None:
+    port = free_port()
+    config = _config(tmp_path, port)
+    _edit(config, listen={"host": "0.0.0.0"})  # noqa: S104
+    code, errors = _start_failure(config)
+    assert code == 1
+    assert errors == [
+        f"error: listening on 0.0.0.0:{port}, beyond loopback, needs listen.client_keys:"
+        " without them anyone who reaches the port uses the Pleo connections"
+    ]
+    assert not (tmp_path / "st").exists()  # refused before the store was touched

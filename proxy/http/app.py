@@ -109,7 +109,12 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         return await handler(request)
     except ProxyError as err:
-        return web.json_response(err.body(), status=err.status, headers=err.headers())
+        response = web.json_response(err.body(), status=err.status, headers=err.headers())
+        if request.body_exists and not request.content.at_eof():
+            # Refused before the body was read (no such connection, not allowed): close
+            # rather than let aiohttp read and drop the rest of it.
+            response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise  # redirects and the like are answers, not errors
@@ -224,9 +229,10 @@ def listener_app(main: web.Application, *, connection: str | None = None) -> web
     `connection=None`) that shares the main app's state; build it after the main app's
     setup, once its resources exist."""
     live = main[LIVE_KEY]
-    app = web.Application(
-        middlewares=[in_flight_middleware, guard_middleware(lambda: live.policy), json_errors]
-    )
+    # The pages listener serves browsers only (the authorise page and the callback),
+    # which cannot send a client key; its own protections are the setup code and state.
+    guard = guard_middleware(lambda: live.policy, client_keys=connection is not None)
+    app = web.Application(middlewares=[in_flight_middleware, guard, json_errors])
     for key in main:
         app[key] = main[key]  # the same objects: one registry, session and metrics
     app.on_response_prepare.append(send_request_id)

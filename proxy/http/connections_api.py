@@ -19,6 +19,7 @@ from aiohttp import web
 from proxy.config import Config
 from proxy.config.values import is_loopback_host
 from proxy.connect.routes import AUTHORISER_KEY
+from proxy.http.client_keys import allow_connection
 from proxy.http.keys import CONFIG_KEY, REGISTRY_KEY
 from proxy.lifecycle.manager import TokenManager, TokenState
 from proxy.lifecycle.rules import iso_utc
@@ -48,6 +49,7 @@ def _has_admin_key(request: web.Request) -> bool:
 
 def admin_only(handler: Handler) -> Handler:
     async def checked(request: web.Request) -> web.StreamResponse:
+        allow_connection(request, None)  # a client key limited to some connections: 403
         if not _has_admin_key(request):
             return _error(
                 401,

@@ -60,8 +60,11 @@ HOP_BY_HOP_HEADERS = frozenset(
 )
 # Request headers we set ourselves: Host from the upstream URL, Authorization from the
 # credential source; Expect is answered by us (see `defer_continue`); the connection
-# selector is ours alone.
-REPLACED_REQUEST_HEADERS = frozenset({"host", "authorization", "expect", "x-pleo-connection"})
+# selector and the client key (X-Proxy-Key; Proxy-Authorization is hop-by-hop) are ours
+# alone and never leave the proxy.
+REPLACED_REQUEST_HEADERS = frozenset(
+    {"host", "authorization", "expect", "x-pleo-connection", "x-proxy-key"}
+)
 
 
 @dataclass(frozen=True)

@@ -1,30 +1,39 @@
 """The guard: which requests may reach the token at all, and the middleware enforcing it.
 
 Owns the Host allow-list (DNS-rebinding defence), the cross-site rule (`Origin`,
-`Sec-Fetch-Site`), origin-form targets only and no CONNECT (never an open proxy).
-`check()` is pure; the middleware only gathers a `RequestView` and answers refusals.
-Must not know about tokens, the upstream, or config parsing.
+`Sec-Fetch-Site`), origin-form targets only and no CONNECT (never an open proxy), and
+client keys (matched by proxy.http.client_keys). `admit()` is pure; the middleware only
+gathers a `RequestView` and answers refusals. Must not know about tokens, the upstream,
+or config parsing.
 """
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from yarl import URL
 
 from proxy.config import Config
+from proxy.http.client_keys import (
+    KEY_HEADER,
+    PROXY_AUTHORIZATION,
+    SCOPE_KEY,
+    KeyProblem,
+    KeyRing,
+    Scope,
+    admit as admit_key,
+)
+from proxy.http.keys import REFUSALS_KEY as REFUSALS_KEY
+from proxy.secret import Secret
 from proxy.urls import origin_of
 
 RESERVED_PREFIX = "/_proxy/"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CROSS_SITE_FETCH = frozenset({"cross-site", "same-site"})
-
-REFUSALS_KEY = web.AppKey("guard_refusals", collections.Counter[str])
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -36,6 +45,7 @@ class Refusal:
     status: int
     code: str
     detail: str
+    headers: tuple[tuple[str, str], ...] = ()
 
     def body(self) -> dict[str, str]:
         return {"error": self.code, "detail": self.detail}
@@ -52,6 +62,9 @@ class RequestView:
     origin: str | None = None
     sec_fetch_site: str | None = None
     local_port: int | None = None  # the port the connection really arrived on
+    scheme: str = "http"  # "https" on a TLS listener
+    proxy_authorization: tuple[Secret, ...] = ()  # every Proxy-Authorization value
+    proxy_keys: tuple[Secret, ...] = ()  # every X-Proxy-Key value
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,7 @@ class Policy:
     host_ports: frozenset[str]  # lower-case exact `name:port` entries from allowed_hosts
     ports: frozenset[int]
     origins: frozenset[str]  # normalised extra origins (allowed_origins + redirect URI's)
+    keys: KeyRing = field(default_factory=KeyRing)  # listen.client_keys; empty: keys off
 
     @classmethod
     def from_config(cls, config: Config) -> Policy:
@@ -84,12 +98,54 @@ class Policy:
             origins.add(origin_of(public).lower())
             names.add(_bracketed(URL(public).host or "").lower())
         return cls(
-            frozenset(names), frozenset(exact), frozenset({config.listen.port}), frozenset(origins)
+            frozenset(names),
+            frozenset(exact),
+            frozenset({config.listen.port}),
+            frozenset(origins),
+            keys=KeyRing.of(config.listen.client_keys),
         )
 
 
+# RFC 9110 §15.5.2: a 401 names the scheme it wants.
+_CHALLENGE = (("WWW-Authenticate", 'Bearer realm="pleo-auth-proxy"'),)
+KEY_REFUSALS = {
+    KeyProblem.REQUIRED: Refusal(
+        401,
+        KeyProblem.REQUIRED.value,
+        f"a client key is required: send {PROXY_AUTHORIZATION}: Bearer <key>"
+        f" or {KEY_HEADER}: <key>",
+        _CHALLENGE,
+    ),
+    KeyProblem.INVALID: Refusal(
+        401,
+        KeyProblem.INVALID.value,
+        f"the client key is not valid (send one key, as {PROXY_AUTHORIZATION}: Bearer <key>"
+        f" or {KEY_HEADER}: <key>)",
+        _CHALLENGE,
+    ),
+}
+
+
+def admit(view: RequestView, policy: Policy, *, keys: bool = True) -> Refusal | Scope | None:
+    """The refusal for this request; else the client key's scope (None: no key needed).
+
+    `keys=False` skips client keys (the pages listener: browsers cannot send one).
+    """
+    refusal = check_request(view, policy)
+    if refusal is not None or not keys:
+        return refusal
+    verdict = admit_key(policy.keys, view.path, view.proxy_authorization, view.proxy_keys)
+    return KEY_REFUSALS[verdict] if isinstance(verdict, KeyProblem) else verdict
+
+
 def check(view: RequestView, policy: Policy) -> Refusal | None:
-    """The refusal for this request, or None when it may pass."""
+    """The refusal for this request, client keys included, or None when it may pass."""
+    verdict = admit(view, policy)
+    return verdict if isinstance(verdict, Refusal) else None
+
+
+def check_request(view: RequestView, policy: Policy) -> Refusal | None:
+    """The refusal for the request's shape, Host and site, or None (no client keys)."""
     # Target shape first: an absolute-form request carries the *target's* Host, so
     # "not an open proxy" is the true answer, not "wrong host".
     if view.method == "CONNECT":
@@ -138,7 +194,7 @@ def _is_cross_site(view: RequestView, policy: Policy) -> bool:
     origin = _normalise_origin(view.origin)
     if origin == "null":
         return True  # sandboxed iframes, file:// pages, redirects: never trusted
-    own = {f"http://{h.strip().lower()}" for h in view.hosts}
+    own = {f"{view.scheme}://{h.strip().lower()}" for h in view.hosts}
     return origin not in own and origin not in policy.origins
 
 
@@ -187,23 +243,38 @@ def view_of(request: web.Request) -> RequestView:
         origin=request.headers.get("Origin"),
         sec_fetch_site=request.headers.get("Sec-Fetch-Site"),
         local_port=local_port,
+        scheme=request.scheme,
+        proxy_authorization=_secrets(request, PROXY_AUTHORIZATION),
+        proxy_keys=_secrets(request, KEY_HEADER),
     )
 
 
-def guard_middleware(policy: Policy | Callable[[], Policy]) -> Middleware:
+def _secrets(request: web.Request, name: str) -> tuple[Secret, ...]:
+    return tuple(Secret(value) for value in request.headers.getall(name, ()))
+
+
+def guard_middleware(
+    policy: Policy | Callable[[], Policy], *, client_keys: bool = True
+) -> Middleware:
     """The middleware: refuse with JSON and count the refusal, else hand on.
 
     `policy` may be a function returning the current policy: a config reload swaps it.
+    `client_keys=False` for the pages listener, which browsers use (they send no key).
     """
     current = policy if callable(policy) else (lambda: policy)
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        refusal = check(view_of(request), current())
-        if refusal is None:
+        verdict = admit(view_of(request), current(), keys=client_keys)
+        if not isinstance(verdict, Refusal):
+            if verdict is not None:
+                request[SCOPE_KEY] = verdict  # checked once the connection is known
             return await handler(request)
+        refusal = verdict
         request.config_dict[REFUSALS_KEY][refusal.code] += 1
-        response = web.json_response(refusal.body(), status=refusal.status)
+        response = web.json_response(
+            refusal.body(), status=refusal.status, headers=dict(refusal.headers)
+        )
         # The client may have sent a body we never read: do not keep the connection.
         response.force_close()
         return response

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 
 import aiohttp
@@ -22,3 +23,5 @@ REGISTRY_KEY = web.AppKey("registry", Registry)  # absent in API-key mode
 # Set on a connection's own listener: every request there is for that connection.
 FIXED_CONNECTION_KEY = web.AppKey("fixed_connection", str)
 EVENTS_KEY = web.AppKey("events", EventSink)
+# Requests refused by the guard (and by a client key's connection limit), by reason.
+REFUSALS_KEY = web.AppKey("guard_refusals", collections.Counter[str])

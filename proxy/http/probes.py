@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from proxy.http.client_keys import allow_connection
 from proxy.http.keys import CLOCK_KEY, REGISTRY_KEY
 from proxy.http.select import manager_for, target_of
 from proxy.lifecycle.manager import TokenManager
@@ -37,13 +38,19 @@ def readiness(app: web.Application, manager: TokenManager | None) -> tuple[bool,
 
 
 async def _described(request: web.Request) -> TokenManager | None:
-    """The connection the request names, else `default`, else None (the whole process)."""
+    """The connection the request names, else `default`, else None (the whole process).
+
+    A client key limited to some connections may describe only those.
+    """
     if REGISTRY_KEY not in request.app:
+        allow_connection(request, DEFAULT_CONNECTION)  # API-key mode: `default` only
         return None
     name = target_of(request).name  # validated: the raw /c/NAME/ prefix, header or port
     if name is None:
         registry = request.app[REGISTRY_KEY]
-        return registry.get(DEFAULT_CONNECTION)
+        manager = registry.get(DEFAULT_CONNECTION)
+        allow_connection(request, None if manager is None else DEFAULT_CONNECTION)
+        return manager
     return await manager_for(request, name)
 
 
@@ -56,9 +63,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def status(request: web.Request) -> web.Response:
     """The status JSON of the contract (state, expiry, scopes, subject, last refresh)."""
+    manager = await _described(request)
     if REGISTRY_KEY not in request.app:
         return web.json_response({"state": "api_key", "mode": "api_key"})
-    manager = await _described(request)
     if manager is not None:
         return web.json_response(manager.status())
     registry = request.app[REGISTRY_KEY]
@@ -68,6 +75,7 @@ async def status(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition of this process's metrics."""
+    allow_connection(request, None)  # about every connection
     body, content_type = request.app[METRICS_KEY].render()
     return web.Response(body=body, headers={"Content-Type": content_type})
 

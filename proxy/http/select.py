@@ -19,6 +19,7 @@ from proxy.errors import (
     InvalidConnectionName,
     UnknownConnection,
 )
+from proxy.http.client_keys import allow_connection
 from proxy.http.keys import CREDENTIALS_KEY, FIXED_CONNECTION_KEY, REGISTRY_KEY
 from proxy.lifecycle.credentials import CredentialSource
 from proxy.lifecycle.manager import TokenManager
@@ -92,12 +93,17 @@ def _required() -> ConnectionRequired:
 
 
 async def manager_for(request: web.Request, name: str | None) -> TokenManager:
-    """The token manager of connection `name` (or the implied one); UnknownConnection."""
+    """The token manager of connection `name` (or the implied one); UnknownConnection.
+
+    ConnectionNotAllowed first when the client key may not use it (a key limits which
+    connections a request may use; it never chooses one).
+    """
     registry = request.app[REGISTRY_KEY]
     if name is None:
         name = registry.implied()  # O(1), whatever the number of connections
         if name is None:
             raise _required()
+    allow_connection(request, name)  # before the lookup: a refusal says nothing of it
     manager = registry.get(name) or await registry.find(name)
     if manager is None:
         raise UnknownConnection(f"no connection named {name!r}")
@@ -115,6 +121,7 @@ async def credentials_for(request: web.Request) -> tuple[CredentialSource, str]:
     fixed = request.app.get(CREDENTIALS_KEY)
     if fixed is not None:
         # API-key mode (or a test's credential source): one connection, `default`.
+        allow_connection(request, target.name or DEFAULT_CONNECTION)
         if target.name not in (None, DEFAULT_CONNECTION):
             raise UnknownConnection(f"no connection named {target.name!r}")
         return fixed, target.raw_path

@@ -1,9 +1,10 @@
 """Serving: the listening sockets, the runners of every listener, signals and shutdown.
 
 `serve()` binds the main listener (or takes systemd's sockets), each connection's own
-port and the pages listener before anything starts, so a taken port is reported first;
-then runs until SIGTERM/SIGINT, reloads on SIGHUP, and shuts down gracefully. Must not
-build routes or handle requests (proxy.http.app does).
+port and the pages listener before anything starts, so a taken port (or a listener
+beyond loopback without client keys) is reported first; then runs until SIGTERM/SIGINT,
+reloads on SIGHUP, and shuts down gracefully. Must not build routes or handle requests
+(proxy.http.app does).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.config import Config
+from proxy.config import Config, is_loopback_host
 from proxy.errors import ProxyError
 from proxy.http.app import build_app, listener_app, runner_options
 from proxy.http.keys import REGISTRY_KEY
@@ -179,7 +180,15 @@ async def serve(
     except BaseException:
         _close_all(sockets)
         raise
+    try:
+        keys_required = check_client_keys(config, sockets, others)
+    except BaseException:
+        _close_all(sockets)
+        for _, socks in others:
+            _close_all(socks)
+        raise
     app = build_app(config, credentials=credentials)
+    app[LIVE_KEY].keys_required = keys_required
     runner = web.AppRunner(app, **runner_options(config))
     side_runners: list[web.AppRunner] = []
     try:
@@ -232,3 +241,35 @@ def other_listeners(
             _close_all(socks)
         raise
     return bound
+
+
+def _beyond_loopback(sockets: list[socket.socket]) -> list[str]:
+    """`host:port` of each socket bound beyond loopback (Unix sockets are local)."""
+    found: list[str] = []
+    for sock in sockets:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        host, port = sock.getsockname()[:2]
+        if not is_loopback_host(host):
+            found.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return found
+
+
+def check_client_keys(
+    config: Config,
+    sockets: list[socket.socket],
+    others: list[tuple[str | None, list[socket.socket]]],
+) -> bool:
+    """Whether a listener is beyond loopback; ListenError when it is and has no keys.
+
+    The sockets really bound count (also systemd's), not the configured name. The pages
+    listener (name None) is exempt: browsers reach it and cannot send a key.
+    """
+    connection_sockets = [sock for name, socks in others if name is not None for sock in socks]
+    beyond = _beyond_loopback(sockets + connection_sockets)
+    if beyond and not config.listen.client_keys:
+        raise ListenError(
+            f"listening on {beyond[0]}, beyond loopback, needs listen.client_keys:"
+            " without them anyone who reaches the port uses the Pleo connections"
+        )
+    return bool(beyond)

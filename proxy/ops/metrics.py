@@ -39,6 +39,9 @@ GUARD_REASONS = (
     "cross_site_request",
     "absolute_form_not_allowed",
     "method_not_allowed",
+    "client_key_required",
+    "client_key_invalid",
+    "connection_not_allowed",
 )
 RATE_LIMIT_REASONS = ("concurrency", "rate")
 # What the attempt before a retry met: a connection error, or one of these statuses.

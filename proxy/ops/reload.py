@@ -1,10 +1,11 @@
 """Configuration reload (SIGHUP): which settings apply live, and swapping them in.
 
-Live: `log_level`, `timeouts.*`, `listen.allowed_hosts`, `listen.allowed_origins`.
-Everything else (listener, Pleo endpoints and client, store, refresh policy, ...) needs a
-restart: a reload keeps the running values for those and says so in one log line. A
-config file with problems is reported as `path: message` lines and changes nothing.
-Must not open listeners, sessions or stores.
+Live: `log_level`, `timeouts.*`, `listen.allowed_hosts`, `listen.allowed_origins` and
+`listen.client_keys` (rotation without a restart). Everything else
+(listener, Pleo endpoints and client, store, refresh policy, ...) needs a restart: a
+reload keeps the running values for those and says so in one log line. A config file
+with problems, or one that would leave a listener beyond loopback without client keys,
+is reported and changes nothing. Must not open listeners, sessions or stores.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class LiveSettings:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.policy = Policy.from_config(config)
+        # Set by serve() when a listener is beyond loopback: keys may change, not go.
+        self.keys_required = False
 
     def swap(self, config: Config) -> None:
         self.config = config
@@ -51,6 +54,7 @@ def applicable(running: Config, new: Config) -> Config:
         running.listen,
         allowed_hosts=new.listen.allowed_hosts,
         allowed_origins=new.listen.allowed_origins,
+        client_keys=new.listen.client_keys,
     )
     return dataclasses.replace(
         running, listen=listen, timeouts=new.timeouts, log_level=new.log_level
@@ -90,6 +94,13 @@ def reload(live: LiveSettings, path: Path) -> Config | None:
     """Re-read `path` and apply what can change live; the config now in force, or None."""
     new = read_new_config(path)
     if new is None:
+        return None
+    if live.keys_required and not new.listen.client_keys:
+        log.error(
+            "configuration not reloaded: listen.client_keys is empty, and a listener is"
+            " beyond loopback; keeping the running one",
+            extra={"fields": {"event": "reload", "problem": "listen.client_keys"}},
+        )
         return None
     applied = applicable(live.config, new)
     pending = restart_needed(applied, new)

@@ -72,3 +72,29 @@ def test_restart_needed_names_top_level_scalars(tmp_path: Path) -> None:
     running = load_config(_write(tmp_path))
     changed = replace(running, log_level="debug")
     assert restart_needed(running, changed) == ["log_level"]
+
+
+KEYS = [{"key": "first-client-key-0123456789"}, {"key": "second-client-key-0123456789"}]
+
+
+def test_client_keys_apply_live(tmp_path: Path) -> None:
+    live = LiveSettings(load_config(_write(tmp_path, listen={"client_keys": KEYS[:1]})))
+    path = _write(tmp_path, listen={"client_keys": KEYS[1:]})
+    applied = reload(live, path)
+    assert applied is not None
+    assert [k.key.reveal() for k in applied.listen.client_keys] == [KEYS[1]["key"]]
+    assert live.policy.keys.enabled
+    assert restart_needed(applied, load_config(path)) == []
+
+
+def test_keys_cannot_all_go_while_a_listener_is_beyond_loopback(tmp_path: Path) -> None:
+    live = LiveSettings(load_config(_write(tmp_path, listen={"client_keys": KEYS})))
+    live.keys_required = True
+    config, policy = live.config, live.policy
+    assert reload(live, _write(tmp_path, listen={"client_keys": []})) is None
+    assert (live.config, live.policy) == (config, policy)
+    # Without a listener beyond loopback, keys are optional and may go.
+    live.keys_required = False
+    applied = reload(live, _write(tmp_path, listen={"client_keys": []}))
+    assert applied is not None
+    assert not live.policy.keys.enabled
