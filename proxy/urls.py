@@ -26,7 +26,7 @@ def proxy_origin(config: Config) -> str:
         host = "localhost"
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{config.listen.port}"
+    return f"{config.listen.scheme}://{host}:{config.listen.port}"
 
 
 def callback_reaches_proxy(config: Config) -> bool:

@@ -1,6 +1,7 @@
 """Test support: run the proxy under test, in this process or in a child process.
 
-`run_proxy_app()` serves `build_app()` on a loopback port 0 (aiohttp TestServer).
+`run_proxy_app()` serves `build_app()` on a loopback port 0 (aiohttp TestServer);
+`run_served()` runs the real `serve()` (every listener, TLS, the start-up checks).
 `run_child()` starts `python -m <module>` that prints `LISTENING <port>` (the proxy:
 `python -m tests.proxyproc <config-json>`; the bulk upstream: `tests.upstreams`) and
 reads its peak RSS from /proc. `RecordingCredentials` is a credential-source stand-in
@@ -95,6 +96,33 @@ async def run_proxy_app(
         yield server
     finally:
         await server.close()
+
+
+@asynccontextmanager
+async def run_served(
+    config: Config, credentials: CredentialSource | None = None
+) -> AsyncIterator[int]:
+    """The real `serve(config)` (every listener, TLS) in a task; yields the main port."""
+    stop = asyncio.Event()
+    ports: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task: asyncio.Future[None] = asyncio.ensure_future(
+        serve(
+            config,
+            credentials=credentials,
+            stop=stop,
+            on_listening=lambda addresses: ports.set_result(addresses[0][1]),
+        )
+    )
+    try:
+        waiting: set[asyncio.Future[Any]] = {task, ports}
+        done, _ = await asyncio.wait(waiting, timeout=20, return_when="FIRST_COMPLETED")
+        if task in done:
+            task.result()  # raises why it did not start
+        assert ports in done, "the proxy did not start listening"
+        yield ports.result()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.certs import make_ca
 from tests.processes import PLEO_PROXY, free_port, start_proxy, stop, wait_for, write_config
 
 DEAD_SANDBOX = "http://127.0.0.1:9"
@@ -169,3 +170,17 @@ def test_beyond_loopback_without_client_keys(tmp_path: Path) -> None:
         " without them anyone who reaches the port uses the Pleo connections"
     ]
     assert not (tmp_path / "st").exists()  # refused before the store was touched
+
+
+def test_a_tls_key_that_is_not_the_certificates(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path / "ca")
+    one, other = ca.issue(tmp_path, "one"), ca.issue(tmp_path, "other")
+    config = _config(tmp_path)
+    _edit(config, listen={"tls_cert": str(one.cert), "tls_key": str(other.key)})
+    code, errors = _start_failure(config)
+    assert code == 1
+    assert errors == [
+        f"error: cannot use listen.tls_cert {str(one.cert)!r} with listen.tls_key"
+        f" {str(other.key)!r}: the key does not belong to the certificate"
+    ]
+    assert not (tmp_path / "st").exists()

@@ -2,9 +2,9 @@
 
 `serve()` binds the main listener (or takes systemd's sockets), each connection's own
 port and the pages listener before anything starts, so a taken port (or a listener
-beyond loopback without client keys) is reported first; then runs until SIGTERM/SIGINT,
-reloads on SIGHUP, and shuts down gracefully. Must not build routes or handle requests
-(proxy.http.app does).
+beyond loopback without client keys, or an unusable TLS certificate) is reported first;
+then runs until SIGTERM/SIGINT, reloads on SIGHUP (the TLS certificate too), and shuts
+down gracefully. Must not build routes or handle requests (proxy.http.app does).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from proxy.config import Config, is_loopback_host
 from proxy.errors import ProxyError
 from proxy.http.app import build_app, listener_app, runner_options
 from proxy.http.keys import REGISTRY_KEY
+from proxy.http.tls import TLS_KEY, TlsError, certificates_for
 from proxy.lifecycle.credentials import CredentialSource
 from proxy.ops import sdnotify
 from proxy.ops.reload import LIVE_KEY, reload
@@ -57,8 +58,23 @@ def apply_reload(app: web.Application, runner: web.AppRunner, config_path: Path)
                 registry.use_config(applied)
             # Read by runner.cleanup() at shutdown; aiohttp itself sets it this way.
             runner._shutdown_timeout = applied.timeouts.shutdown
+            _reload_certificate(app, applied)
     finally:
         sdnotify.notify("READY=1")
+
+
+def _reload_certificate(app: web.Application, applied: Config) -> None:
+    """Re-read the TLS certificate and key (renewed files, or new paths) for new handshakes."""
+    tls = app.get(TLS_KEY)
+    cert, key = applied.listen.tls_cert, applied.listen.tls_key
+    if tls is None or cert is None or key is None:
+        return
+    try:
+        tls.reload(cert, key)
+    except TlsError as exc:
+        log.error("TLS certificate not reloaded: %s; the running one stays in use", exc.detail)
+        return
+    log.info("TLS certificate reloaded", extra={"fields": {"event": "reload", "tls": str(cert)}})
 
 
 @contextlib.contextmanager
@@ -174,6 +190,7 @@ async def serve(
     worker processes listen on one port (SO_REUSEPORT).
     """
     stop = stop if stop is not None else asyncio.Event()
+    tls = certificates_for(config.listen.tls_cert, config.listen.tls_key)
     sockets = listen_sockets(config, reuse_port=reuse_port)
     try:
         others = other_listeners(config, reuse_port=reuse_port)
@@ -189,19 +206,25 @@ async def serve(
         raise
     app = build_app(config, credentials=credentials)
     app[LIVE_KEY].keys_required = keys_required
+    ssl_context = None
+    if tls is not None:
+        app[TLS_KEY] = tls
+        ssl_context = tls.context
     runner = web.AppRunner(app, **runner_options(config))
     side_runners: list[web.AppRunner] = []
     try:
         # setup() runs the cleanup contexts: the store is open and verified after it.
         await runner.setup()
         for sock in sockets:
-            await web.SockSite(runner, sock).start()
+            await web.SockSite(runner, sock, ssl_context=ssl_context).start()
         for connection, socks in others:
             side = web.AppRunner(listener_app(app, connection=connection), **runner_options(config))
             side_runners.append(side)
             await side.setup()
+            # The pages listener (connection None) stays plain HTTP behind its HTTPS front.
+            side_ssl = ssl_context if connection is not None else None
             for sock in socks:
-                await web.SockSite(side, sock).start()
+                await web.SockSite(side, sock, ssl_context=side_ssl).start()
 
         def announce() -> None:
             if on_listening is not None:

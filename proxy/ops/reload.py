@@ -1,7 +1,8 @@
 """Configuration reload (SIGHUP): which settings apply live, and swapping them in.
 
-Live: `log_level`, `timeouts.*`, `listen.allowed_hosts`, `listen.allowed_origins` and
-`listen.client_keys` (rotation without a restart). Everything else
+Live: `log_level`, `timeouts.*`, `listen.allowed_hosts`, `listen.allowed_origins`,
+`listen.client_keys` (rotation without a restart), and `listen.tls_cert`/`tls_key` while
+TLS stays on (the certificate itself is re-read by proxy.http.serve). Everything else
 (listener, Pleo endpoints and client, store, refresh policy, ...) needs a restart: a
 reload keeps the running values for those and says so in one log line. A config file
 with problems, or one that would leave a listener beyond loopback without client keys,
@@ -50,11 +51,16 @@ def current_config(app: web.Application) -> Config:
 
 def applicable(running: Config, new: Config) -> Config:
     """`running` with the live-changeable settings of `new`."""
+    # New certificate paths apply live; turning TLS on or off rebinds: a restart.
+    tls_stays = (running.listen.tls_cert is None) == (new.listen.tls_cert is None)
+    files = new.listen if tls_stays else running.listen
     listen = dataclasses.replace(
         running.listen,
         allowed_hosts=new.listen.allowed_hosts,
         allowed_origins=new.listen.allowed_origins,
         client_keys=new.listen.client_keys,
+        tls_cert=files.tls_cert,
+        tls_key=files.tls_key,
     )
     return dataclasses.replace(
         running, listen=listen, timeouts=new.timeouts, log_level=new.log_level

@@ -6,7 +6,6 @@ rotation with a real SIGHUP to `pleo-proxy run`."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import signal
@@ -33,7 +32,14 @@ from proxy.http.serve import serve
 from proxy.secret import Secret
 from tests.connections import admin_headers, connections_config, give_tokens, serving
 from tests.processes import PLEO_PROXY, free_port, stop, wait_for, write_config
-from tests.proxyproc import RawResponse, RecordingCredentials, proxy_config, raw_http, run_proxy_app
+from tests.proxyproc import (
+    RawResponse,
+    RecordingCredentials,
+    proxy_config,
+    raw_http,
+    run_proxy_app,
+    run_served,
+)
 from tests.sandboxes import RunningSandbox, get_stats, sandbox
 from tests.upstreams import EchoUpstream, run_echo_upstream
 
@@ -313,31 +319,6 @@ async def test_no_key_reaches_a_log_line(setup: Setup, caplog: pytest.LogCapture
 # --- beyond loopback: serve() on 0.0.0.0, reached via 127.0.0.1 ---
 
 
-@contextlib.asynccontextmanager
-async def served(config: Config, credentials: RecordingCredentials) -> AsyncIterator[int]:
-    """`serve(config)` in a task; yields the main listener's port."""
-    stop = asyncio.Event()
-    ports: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    task: asyncio.Future[None] = asyncio.ensure_future(
-        serve(
-            config,
-            credentials=credentials,
-            stop=stop,
-            on_listening=lambda addresses: ports.set_result(addresses[0][1]),
-        )
-    )
-    try:
-        waiting: set[asyncio.Future[Any]] = {task, ports}
-        done, _ = await asyncio.wait(waiting, timeout=20, return_when="FIRST_COMPLETED")
-        if task in done:
-            task.result()  # raises why it did not start
-        assert ports in done, "the proxy did not start listening"
-        yield ports.result()
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, timeout=30)
-
-
 def everywhere(config: Config, **listen: Any) -> Config:
     return replace(config, listen=replace(config.listen, host="0.0.0.0", **listen))  # noqa: S104
 
@@ -361,7 +342,7 @@ async def test_beyond_loopback_with_keys_every_request_needs_one() -> None:
     credentials = RecordingCredentials()
     async with run_echo_upstream() as upstream:
         config = everywhere(keyed(proxy_config(upstream.url)))
-        async with served(config, credentials) as port, aiohttp.ClientSession() as session:
+        async with run_served(config, credentials) as port, aiohttp.ClientSession() as session:
             base = f"http://127.0.0.1:{port}"
             async with session.get(f"{base}/v1/x") as response:
                 assert (response.status, (await response.json())["error"]) == (
@@ -388,7 +369,7 @@ async def test_the_pages_listener_needs_no_key_beyond_loopback(tmp_path: Path) -
             pages=Pages(host="0.0.0.0", port=pages_port),  # noqa: S104
         )
         async with (
-            served(config, RecordingCredentials()),
+            run_served(config, RecordingCredentials()),
             aiohttp.ClientSession() as session,
             session.get(f"http://127.0.0.1:{pages_port}/v1/x") as response,
         ):

@@ -143,6 +143,15 @@ def test_cross_site_requests_are_refused(origin: str | None, fetch_site: str | N
     assert (refusal.status, refusal.code) == (403, "cross_site_request")
 
 
+def test_own_origin_follows_the_listeners_scheme() -> None:
+    """On a TLS listener the page's own origin is https://host: its POSTs are same-site."""
+    post = view(method="POST", target="/_proxy/authorize", origin="https://127.0.0.1:8080")
+    assert check(replace(post, scheme="https"), POLICY) is None
+    refused = check(post, POLICY)  # the same origin on a plain-HTTP listener is foreign
+    assert refused is not None
+    assert refused.code == "cross_site_request"
+
+
 def test_callback_get_is_exempt_from_the_cross_site_rule_only() -> None:
     target = "/_proxy/callback?code=x&state=y"
     callback = view(target=target, sec_fetch_site="cross-site", origin="https://auth.pleo.io")

@@ -98,3 +98,22 @@ def test_keys_cannot_all_go_while_a_listener_is_beyond_loopback(tmp_path: Path) 
     applied = reload(live, _write(tmp_path, listen={"client_keys": []}))
     assert applied is not None
     assert not live.policy.keys.enabled
+
+
+def test_tls_files_apply_live_but_turning_tls_on_needs_a_restart(tmp_path: Path) -> None:
+    for name in ("a.pem", "a.key", "b.pem", "b.key"):
+        (tmp_path / name).write_text("PEM")
+    plain = load_config(_write(tmp_path))
+    first = load_config(_write(tmp_path, listen={"tls_cert": "a.pem", "tls_key": "a.key"}))
+    second = load_config(_write(tmp_path, listen={"tls_cert": "b.pem", "tls_key": "b.key"}))
+    applied = applicable(first, second)
+    assert (applied.listen.tls_cert, applied.listen.tls_key) == (
+        tmp_path / "b.pem",
+        tmp_path / "b.key",
+    )
+    turned_on = applicable(plain, first)
+    assert turned_on.listen.tls_cert is None
+    assert "listen.tls_cert" in restart_needed(turned_on, first)
+    turned_off = applicable(first, plain)
+    assert turned_off.listen.tls_cert == tmp_path / "a.pem"
+    assert "listen.tls_cert" in restart_needed(turned_off, plain)
