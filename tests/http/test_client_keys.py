@@ -6,6 +6,7 @@ rotation with a real SIGHUP to `pleo-proxy run`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import signal
@@ -28,7 +29,7 @@ from proxy.config import ClientKey, Config, Pages, Pleo
 from proxy.errors import ProxyError
 from proxy.http.client_keys import EXEMPT_PATHS, KeyProblem, KeyRing, Scope, admit, presented_key
 from proxy.http.guard import REFUSALS_KEY
-from proxy.http.serve import serve
+from proxy.http.serve import ListenError, check_client_keys, serve
 from proxy.secret import Secret
 from tests.connections import admin_headers, connections_config, give_tokens, serving
 from tests.processes import PLEO_PROXY, free_port, stop, wait_for, write_config
@@ -336,6 +337,29 @@ async def test_a_listener_beyond_loopback_without_keys_refuses_to_start() -> Non
         # Refused before serving: the port is free again at once.
         with socket.socket() as probe:
             probe.bind(("0.0.0.0", port))  # noqa: S104
+
+
+def test_the_bound_sockets_decide_what_is_beyond_loopback(tmp_path: Path) -> None:
+    """systemd may pass sockets whatever listen.host says: their real addresses count."""
+    config = proxy_config("https://api.example")
+    with contextlib.ExitStack() as stack:
+
+        def bound(family: int, address: Any) -> socket.socket:
+            sock = stack.enter_context(socket.socket(family, socket.SOCK_STREAM))
+            sock.bind(address)
+            return sock
+
+        loopback = [bound(socket.AF_INET, ("127.0.0.2", 0)), bound(socket.AF_INET6, ("::1", 0))]
+        local = [bound(socket.AF_UNIX, str(tmp_path / "proxy.sock"))]
+        wide = bound(socket.AF_INET, ("0.0.0.0", 0))  # noqa: S104
+        assert check_client_keys(config, loopback + local, []) is False
+        # The pages listener (no connection name) is exempt; a connection's port is not.
+        assert check_client_keys(config, loopback, [(None, [wide])]) is False
+        with pytest.raises(ListenError):
+            check_client_keys(config, loopback, [("acme", [wide])])
+        with pytest.raises(ListenError):
+            check_client_keys(config, [wide], [])
+        assert check_client_keys(keyed(config), [wide], []) is True
 
 
 async def test_beyond_loopback_with_keys_every_request_needs_one() -> None:
