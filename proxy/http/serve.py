@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # Pending connections the kernel queues for us (aiohttp's TCPSite default).
 LISTEN_BACKLOG = 128
+# The listeners besides the main one: (connection name, its sockets); None: the pages.
+Listeners = list[tuple[str | None, list[socket.socket]]]
 
 
 def _bound_addresses(runner: web.AppRunner) -> list[tuple[str, int]]:
@@ -191,19 +193,7 @@ async def serve(
     """
     stop = stop if stop is not None else asyncio.Event()
     tls = certificates_for(config.listen.tls_cert, config.listen.tls_key)
-    sockets = listen_sockets(config, reuse_port=reuse_port)
-    try:
-        others = other_listeners(config, reuse_port=reuse_port)
-    except BaseException:
-        _close_all(sockets)
-        raise
-    try:
-        keys_required = check_client_keys(config, sockets, others)
-    except BaseException:
-        _close_all(sockets)
-        for _, socks in others:
-            _close_all(socks)
-        raise
+    sockets, others, keys_required = _bind_all(config, reuse_port=reuse_port)
     app = build_app(config, credentials=credentials)
     app[LIVE_KEY].keys_required = keys_required
     ssl_context = None
@@ -240,16 +230,28 @@ async def serve(
             _close_all(socks)
 
 
+def _bind_all(config: Config, *, reuse_port: bool) -> tuple[list[socket.socket], Listeners, bool]:
+    """Every listener's sockets, bound and checked (client keys beyond loopback), or none."""
+    sockets = listen_sockets(config, reuse_port=reuse_port)
+    others: Listeners = []
+    try:
+        others = other_listeners(config, reuse_port=reuse_port)
+        return sockets, others, check_client_keys(config, sockets, others)
+    except BaseException:
+        _close_all(sockets)
+        for _, socks in others:
+            _close_all(socks)
+        raise
+
+
 def _close_all(sockets: list[socket.socket]) -> None:
     for sock in sockets:
         sock.close()
 
 
-def other_listeners(
-    config: Config, *, reuse_port: bool
-) -> list[tuple[str | None, list[socket.socket]]]:
+def other_listeners(config: Config, *, reuse_port: bool) -> Listeners:
     """Sockets of each connection's own port, and of the pages listener (name None)."""
-    bound: list[tuple[str | None, list[socket.socket]]] = []
+    bound: Listeners = []
     try:
         for spec in config.connections.configured:
             if spec.port is not None:
@@ -278,11 +280,7 @@ def _beyond_loopback(sockets: list[socket.socket]) -> list[str]:
     return found
 
 
-def check_client_keys(
-    config: Config,
-    sockets: list[socket.socket],
-    others: list[tuple[str | None, list[socket.socket]]],
-) -> bool:
+def check_client_keys(config: Config, sockets: list[socket.socket], others: Listeners) -> bool:
     """Whether a listener is beyond loopback; ListenError when it is and has no keys.
 
     The sockets really bound count (also systemd's), not the configured name. The pages
