@@ -71,12 +71,13 @@ async def test_hundreds_of_connections_are_refreshed_by_a_few_workers(
             tokens = parse_token_response(grant, now=time.time(), requested_scopes=())
             await cli.install(f"c{index:03d}", tokens, notify=False)
     async with registry_for(config, background=True) as registry:
-        tasks_before = len(asyncio.all_tasks())
         for index in range(COUNT):  # in use: proactive refresh applies
             manager = await registry.find(f"c{index:03d}")
             assert manager is not None
             await manager.authorization()
-        assert len(asyncio.all_tasks()) - tasks_before < 10, "no task per connection"
+        names = [task.get_name() for task in asyncio.all_tasks()]
+        assert "token-refresh" not in names, "no background task per connection"
+        assert sum(name.startswith("refresh-") for name in names) == 3, "max_concurrent workers"
 
         async def all_refreshed() -> bool:
             return bool((await get_stats(sandbox.url))["refresh_grants"] >= COUNT)
