@@ -754,10 +754,24 @@ async def test_latency_knob_slows_the_api(
     assert time.monotonic() - started >= 0.3
 
 
+async def test_token_latency_knob_slows_only_the_token_endpoint(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    tokens = await obtain_tokens(http, sandbox.url)
+    await set_knobs(sandbox.url, token_latency=0.5)
+    started = time.monotonic()
+    assert (await api_get(http, sandbox.url, "/v1/introspect", tokens["access_token"]))[0] == 200
+    assert time.monotonic() - started < 0.5
+    status, _ = await refresh(http, sandbox.url, tokens["refresh_token"])
+    assert status == 200
+    assert time.monotonic() - started >= 0.5
+
+
 @pytest.mark.parametrize(
     "knobs",
     [
         {"no_such_knob": 1},
+        {"token_latency": -1},
         {"token_failures": -1},
         {"token_failure_mode": "explode"},
         {"distinct_companies": "yes"},
