@@ -3,7 +3,8 @@
     ProxyError
     ├── ConfigError                 bad configuration (exit 2; `path.to.key: message` lines)
     ├── StoreError                  token store unreadable, corrupt, foreign or unwritable
-    │   └── LockTimeout             the cross-process refresh lock was not had in time
+    │   ├── LockTimeout             the cross-process refresh lock was not had in time
+    │   └── FencedOut               a write refused: the lock lapsed or the entry moved on
     ├── OAuthError                  the token endpoint refused or failed
     │   ├── ReauthorizationRequired the grant has ended; a person must consent again (503)
     │   ├── ClientRejected          invalid_client / unauthorized_client (503, tokens kept)
@@ -80,6 +81,18 @@ class StoreError(ProxyError):
 
 class LockTimeout(StoreError):
     code = "lock_timeout"
+    status = 503
+
+
+class FencedOut(StoreError):
+    """A fenced write was refused and nothing was written: the writer's lock lapsed (it
+    expired, or another instance holds it now) or the entry changed since it was read.
+
+    The writer must not act on what it meant to write (tokens it meant to store are not
+    the store's, a refresh token it meant to present may be another's): it re-reads.
+    """
+
+    code = "lock_lost"
     status = 503
 
 

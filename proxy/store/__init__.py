@@ -30,7 +30,21 @@ class TokenStore(Protocol):
         """Remove the stored state (logout, ended grant). No error if absent."""
 
     def lock(self, timeout: float) -> AbstractAsyncContextManager[None]:
-        """Exclusive across processes; raises LockTimeout after `timeout` seconds."""
+        """Exclusive across processes; raises LockTimeout after `timeout` seconds.
+
+        A store whose lock can lapse while its holder lives (`mark_grace` not None) fences
+        the holder's writes: FencedOut, nothing written, once the lock is lost or the
+        entry changed since the holder read it.
+        """
+
+    @property
+    def mark_grace(self) -> float | None:
+        """Seconds an in-progress mark found under the lock stays its writer's to complete.
+
+        None: a lock here ends only with its holder (a file lock with its process), so a
+        mark found under it is a dead refresh's. A number: the lock can lapse while its
+        holder lives on (frozen, cut off), and that holder may still write its result.
+        """
 
     async def verify(self) -> None:
         """Start-up check: the location is writable and the key usable. StoreError if not."""

@@ -108,6 +108,11 @@ class FileStore:
     def path(self) -> Path:
         return self._path
 
+    @property
+    def mark_grace(self) -> None:
+        """flock locks end with their process: a mark found under one is a dead refresh's."""
+        return None
+
     async def load(self) -> StoredState | None:
         self._check_open()
         return await asyncio.to_thread(self._load_sync)

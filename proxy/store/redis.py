@@ -1,18 +1,21 @@
 """Token state in Redis, shared by several proxy instances, and the distributed refresh lock.
 
-Owns the key layout (`pleo-proxy:<app id>:state|lock` for `default`, `…:c:NAME:state|lock`
-for connection NAME, `…:connections|changes|probe:*`), the index and change marker, and
-the lock protocol. The client and the mapping of redis-py errors are redisclient.py's.
+Owns the key layout (`pleo-proxy:<app id>:state|lock|version` for `default`,
+`…:c:NAME:state|lock|version` for connection NAME, `…:connections|changes|probe:*`), the
+index and change marker, and when the lock is taken. The lock and fencing scripts are
+redislock.py's; the client and the mapping of redis-py errors are redisclient.py's.
 Must not decide when to refresh, catch redis-py exceptions itself, touch files other
 than the key file, or put a value, a token or a Redis password in a message.
 
 Operating it. Every instance must use the same key: set PLEO_PROXY_KEY (or the systemd
 credential) to the same value everywhere, or copy one key file to all of them; a value
 sealed under another key is a StoreError naming both key ids. `save()` returns when Redis
-has acknowledged the SET; whether that reply means "on disk" is Redis's persistence
+has acknowledged the write script; whether that reply means "on disk" is Redis's persistence
 setting. For the design's "persisted before used" rule run Redis with `appendonly yes` and
 `appendfsync always` (Redis then fsyncs the AOF before it replies); without persistence a
-Redis restart loses the tokens and the connection must be authorised again.
+Redis restart loses the tokens and the connection must be authorised again. An entry's
+version key outlives the entry (a few bytes per deleted connection): versions never go
+back, so a holder that read before a delete and a re-creation is still fenced out.
 """
 
 from __future__ import annotations
@@ -21,11 +24,9 @@ import asyncio
 import hashlib
 import logging
 import random
-import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,7 @@ from proxy.store.redisclient import (
     RedisBackend,
     redis_url,
 )
+from proxy.store.redislock import Entry, Fence, Lease, holder_id, holding, lease_for
 from proxy.tokenset import StoredState, state_to_json
 
 if TYPE_CHECKING:
@@ -49,20 +51,11 @@ log = logging.getLogger(__name__)
 
 LOCK_POLL_MIN = 0.01
 LOCK_POLL_MAX = 0.05
-# Beside `<prefix>state|lock` (default) and `<prefix>c:NAME:state|lock` (see entry_keys).
+# Beside `<prefix>state|lock|version` (default) and `<prefix>c:NAME:state|lock|version`.
 INDEX = "connections"
 MARKER = "changes"
-
-# Compare-and-delete / compare-and-extend: only the holder (who knows the random token)
-# may release or extend the lock, so a holder whose lock expired cannot free another's.
-RELEASE_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-EXTEND_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
+# A mark another holder left is that holder's to complete for this many lock TTLs.
+MARK_GRACE_TTLS = 2
 
 
 def key_prefix(client_id: str | None, api_url: str) -> str:
@@ -76,24 +69,17 @@ def config_prefix(config: Config) -> str:
     return key_prefix(config.pleo.client_id, config.pleo.api_url)
 
 
-@dataclass(frozen=True)
-class EntryKeys:
-    """Where one connection lives in Redis, and its name in the index set (None: default)."""
-
-    state: str
-    lock: str
-    member: str | None
-
-
-def entry_keys(prefix: str, name: str) -> EntryKeys:
+def entry_keys(prefix: str, name: str) -> Entry:
     """The key layout: `default` keeps the pre-connections keys; NAME gets `c:NAME:*`.
 
     Names cannot contain ':' (proxy/names.py), so no name's keys meet another's.
     """
+    index = f"{prefix}{INDEX}"
     if name == DEFAULT_CONNECTION:
         # Not indexed: a pre-connections instance writes this key without the index.
-        return EntryKeys(f"{prefix}state", f"{prefix}lock", None)
-    return EntryKeys(f"{prefix}c:{name}:state", f"{prefix}c:{name}:lock", name)
+        return Entry(f"{prefix}state", f"{prefix}version", f"{prefix}lock", index, None)
+    base = f"{prefix}c:{name}:"
+    return Entry(f"{base}state", f"{base}version", f"{base}lock", index, name)
 
 
 class RedisStore:
@@ -142,13 +128,10 @@ class RedisStore:
         self._backend = backend
         self._keys = entry_keys(prefix, name)
         self._what = WHAT if name == DEFAULT_CONNECTION else f"{WHAT} for connection {name}"
-        self._index_key = f"{prefix}{INDEX}"
         self._probe_prefix = f"{prefix}probe:"
         self._owner = owner
         self._closed = False
-        # Script objects only hash their text: no I/O, and Redis caches the script itself.
-        self._release = backend.client.register_script(RELEASE_SCRIPT)
-        self._extend = backend.client.register_script(EXTEND_SCRIPT)
+        self._fence = Fence(backend.client)
 
     @property
     def state_key(self) -> str:
@@ -158,27 +141,33 @@ class RedisStore:
     def lock_key(self) -> str:
         return self._keys.lock
 
+    @property
+    def mark_grace(self) -> float:
+        """A lock here can lapse while its holder lives on (frozen, cut off): its mark is
+        left to it for a while before anyone may call the refresh interrupted."""
+        return MARK_GRACE_TTLS * self._backend.lock_ttl
+
     async def load(self) -> StoredState | None:
         self._check_open()
         with self._backend.mapped("read the token state"):
-            blob = await self._backend.get(self._keys.state)
+            # One MGET: the value and its version as of one moment.
+            blob, version = await self._backend.client.mget(self._keys.state, self._keys.version)
+        lease = lease_for(self._keys.lock)
+        if lease is not None:
+            # What this holder has seen: its writes are fenced on it from now on.
+            lease.version = int(version or 0)
         if blob is None:
             return None
-        return await self._backend.open(blob, what=self._what)
+        return await self._backend.open(_bytes(blob), what=self._what)
 
     async def save(self, state: StoredState) -> None:
         self._check_open()
         blob = seal(state_to_json(state), await self._backend.resolve_key(create=True))
-        # One SET (with its SADD to the index in the same MULTI/EXEC) is atomic; its reply
-        # is Redis's acknowledgement (see the module docstring for what that means on disk).
+        # One script sets the value, adds the name to the index and bumps the version;
+        # its reply is Redis's acknowledgement (the module docstring says what that means
+        # on disk). Under a lock it is fenced: FencedOut, and nothing written, otherwise.
         with self._backend.mapped("save the token state"):
-            if self._keys.member is None:
-                await self._backend.client.set(self._keys.state, blob)
-                return
-            async with self._backend.client.pipeline(transaction=True) as multi:
-                multi.set(self._keys.state, blob)
-                multi.sadd(self._index_key, self._keys.member)
-                await multi.execute()
+            await self._fence.write(self._keys, blob, what=self._what)
 
     async def delete(self) -> None:
         self._check_open()
@@ -186,26 +175,18 @@ class RedisStore:
             await self._forget()
 
     async def _forget(self, *, counter: str | None = None) -> None:
-        """DEL the entry, SREM its name and INCR `counter`, in one MULTI/EXEC.
+        """DEL the entry, SREM its name, bump its version and INCR `counter`, in one script.
 
         Unmapped: the caller wraps it in `mapped()` (delete() here, RedisStores.remove).
         """
-        if self._keys.member is None and counter is None:
-            await self._backend.client.delete(self._keys.state)
-            return
-        async with self._backend.client.pipeline(transaction=True) as multi:
-            multi.delete(self._keys.state)
-            if self._keys.member is not None:
-                multi.srem(self._index_key, self._keys.member)
-            if counter is not None:
-                multi.incr(counter)
-            await multi.execute()
+        await self._fence.write(self._keys, None, counter=counter, what=self._what)
 
     def lock(self, timeout: float) -> AbstractAsyncContextManager[None]:
-        """Exclusive across hosts, processes and tasks (a fresh token per call); not re-entrant.
+        """Exclusive across hosts, processes and tasks (a fresh id per call); not re-entrant.
 
         LockTimeout when the lock stayed held for `timeout` seconds; StoreError when Redis
-        cannot be reached. While held, the lock's TTL is renewed every third of it.
+        cannot be reached. While held, the lock's TTL is renewed every third of it, and
+        every write of this entry by the holding task is fenced by it (redislock.py).
         """
         self._check_open()
         return self._locked(timeout)
@@ -232,22 +213,23 @@ class RedisStore:
 
     @asynccontextmanager
     async def _locked(self, wait: float) -> AsyncIterator[None]:
-        token = secrets.token_hex(16)
-        await self._acquire(token, wait)
-        extender = asyncio.create_task(self._keep_extending(token), name="redis-lock-extend")
+        holder = holder_id()
+        lease = await self._acquire(holder, wait)
+        extender = asyncio.create_task(self._keep_extending(holder), name="redis-lock-extend")
         try:
-            yield
+            with holding(lease):
+                yield
         finally:
             extender.cancel()
             await asyncio.gather(extender, return_exceptions=True)
             # Shielded: a second cancellation must not leave the lock to its TTL.
-            await asyncio.shield(self._release_quietly(token))
+            await asyncio.shield(self._release_quietly(holder))
 
-    async def _acquire(self, token: str, wait: float) -> None:
+    async def _acquire(self, holder: str, wait: float) -> Lease:
         """Poll SET NX with jittered sleeps until the lock is had or `wait` has passed."""
         deadline = time.monotonic() + wait
         try:
-            while not await self._try_lock(token):
+            while (lease := await self._try_lock(holder)) is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise LockTimeout(
@@ -258,43 +240,43 @@ class RedisStore:
                 pause = random.uniform(LOCK_POLL_MIN, LOCK_POLL_MAX)  # noqa: S311
                 await asyncio.sleep(min(remaining, pause))
         except asyncio.CancelledError:
-            # The SET may have reached Redis before the cancellation: take our token back
+            # The SET may have reached Redis before the cancellation: take our id back
             # rather than leave a lock nobody holds until its TTL ends.
-            await asyncio.shield(self._release_quietly(token))
+            await asyncio.shield(self._release_quietly(holder))
             raise
+        return lease
 
-    async def _try_lock(self, token: str) -> bool:
+    async def _try_lock(self, holder: str) -> Lease | None:
         with self._backend.mapped("take the refresh lock"):
-            ttl_ms = int(self._backend.lock_ttl * 1000)
-            if await self._backend.client.set(self._keys.lock, token, nx=True, px=ttl_ms):
-                return True
-            # A SET retried after a lost reply finds our own token: that is the lock, had.
-            return await self._backend.get(self._keys.lock) == token.encode()
+            return await self._fence.acquire(self._keys, holder, self._ttl_ms())
 
-    async def _keep_extending(self, token: str) -> None:
+    def _ttl_ms(self) -> int:
+        return int(self._backend.lock_ttl * 1000)
+
+    async def _keep_extending(self, holder: str) -> None:
         """Renew the lock's TTL every third of it, so a slow refresh never loses it."""
-        ttl_ms = int(self._backend.lock_ttl * 1000)
         while True:
             await asyncio.sleep(self._backend.lock_ttl / 3)
             try:
                 with self._backend.mapped("extend the refresh lock"):
-                    extended = await self._extend(keys=[self._keys.lock], args=[token, ttl_ms])
+                    extended = await self._fence.extend(self._keys, holder, self._ttl_ms())
             except StoreError as exc:
                 # Try again at the next tick: the TTL leaves two more chances.
                 log.warning("could not extend the refresh lock: %s", exc.detail)
                 continue
             if not extended:
+                # Fenced: this holder's writes of the entry are refused from now on.
                 log.error(
-                    "the refresh lock %s expired while held; another instance may refresh too",
+                    "the refresh lock %s expired while held; this instance's writes are refused",
                     self._keys.lock,
                 )
                 return
 
-    async def _release_quietly(self, token: str) -> None:
+    async def _release_quietly(self, holder: str) -> None:
         """Compare-and-delete; failures are logged, as the lock expires by its TTL anyway."""
         try:
             with self._backend.mapped("release the refresh lock"):
-                released = await self._release(keys=[self._keys.lock], args=[token])
+                released = await self._fence.release(self._keys, holder)
         except StoreError as exc:
             log.warning("could not release the refresh lock (it will expire): %s", exc.detail)
             return
@@ -379,6 +361,11 @@ class RedisStores:
 def _checked(name: str) -> str:
     # Names are validated by the caller; checked again because they become keys.
     return name if name == DEFAULT_CONNECTION else check_name(name)
+
+
+def _bytes(value: bytes | str) -> bytes:
+    # The client is made without decode_responses: values come back as bytes.
+    return value.encode() if isinstance(value, str) else value
 
 
 def _text(value: bytes | str) -> str:
