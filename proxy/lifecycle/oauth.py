@@ -29,6 +29,7 @@ from proxy.errors import (
     ReauthorizationRequired,
     TransientOAuthError,
 )
+from proxy.lifecycle.livetime import live_timeout
 from proxy.secret import Secret
 from proxy.tokenset import TokenSet
 
@@ -169,11 +170,13 @@ async def _post_token(
     headers["Content-Type"] = "application/x-www-form-urlencoded"
     async with (
         map_token_endpoint_errors(),
+        # Not aiohttp's timers: after a stop they fire before Pleo's answer is read.
+        live_timeout(timeout),
         session.post(
             pleo.token_url,
             data={**form, **auth_fields},  # a dict is sent form-urlencoded
             headers=headers,
-            timeout=aiohttp.ClientTimeout(total=timeout),
+            timeout=aiohttp.ClientTimeout(),
             # Never follow: a redirect would carry the code or refresh token elsewhere.
             allow_redirects=False,
         ) as response,
