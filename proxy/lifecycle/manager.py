@@ -21,6 +21,7 @@ import aiohttp
 from proxy.config import Config, Timeouts
 from proxy.errors import (
     ClientRejected,
+    FencedOut,
     LockTimeout,
     OAuthError,
     ReauthorizationRequired,
@@ -314,7 +315,8 @@ class TokenManager:
         for attempt in range(MAX_ATTEMPTS):
             try:
                 tokens = await self._refresh_once(request)
-            except (TransientOAuthError, LockTimeout) as exc:
+            except (TransientOAuthError, LockTimeout, FencedOut) as exc:
+                # FencedOut: this attempt's lease lapsed; the next one re-reads the store.
                 self._last_transient = exc.detail
                 if attempt == MAX_ATTEMPTS - 1:
                     raise TransientOAuthError(
@@ -412,10 +414,12 @@ class TokenManager:
         store (created at run time) is still known afterwards.
         """
         if keep_entry:
-            self._adopt(await entries.write_empty(self._store, lock_timeout=self._lock_timeout))
-            return
-        await entries.delete_entry(self._store, lock_timeout=self._lock_timeout)
-        self._adopt(None)
+            emptied = await entries.write_empty(self._store, lock_timeout=self._lock_timeout)
+        else:
+            await entries.delete_entry(self._store, lock_timeout=self._lock_timeout)
+            emptied = None
+        self._sequence.pending = None  # a refresh result never outlives a logout
+        self._adopt(emptied)
 
     async def save_link(self, link: Link) -> None:
         """Store a new connect link (replacing any earlier one); tokens stay as they are."""
@@ -424,6 +428,7 @@ class TokenManager:
     async def forget(self) -> None:
         """Delete the entry under this connection's lock (no refresh is half done then)."""
         await entries.delete_entry(self._store, lock_timeout=self._lock_timeout)
+        self._sequence.pending = None
         self._adopt(None)
 
     async def reload(self) -> None:
@@ -444,8 +449,9 @@ class TokenManager:
         return None if due is None else due.at
 
     def next_refresh(self, now: float, *, jitter: bool = False) -> Due | None:
-        if self._sequence.unsaved is not None:
-            return Due(now, keepalive=False)  # retry the write of the only live tokens
+        if self._sequence.pending is not None:
+            # Retry the write (of the only live tokens, or of what clears our mark).
+            return Due(now, keepalive=False)
         return refresh_due(
             self._stored, self._config.refresh, now=now, last_used=self._last_used, jitter=jitter
         )
@@ -455,12 +461,18 @@ class TokenManager:
         stored = self._stored
         now = self._clock()
         due = self.next_refresh(now, jitter=jitter)
-        if stored is None or stored.tokens is None or due is None:
+        if due is None:
             return True
-        margin = refresh_margin(stored.tokens, self._config.refresh.before_expiry)
-        # Due early by jitter: fresh enough to skip only if it outlives the due time.
-        fresh_for = max(margin, stored.tokens.expires_at - due.at)
-        request = RefreshRequest(fresh_for=fresh_for, force=due.keepalive, urgent=False)
+        if stored is not None and stored.tokens is not None:
+            margin = refresh_margin(stored.tokens, self._config.refresh.before_expiry)
+            # Due early by jitter: fresh enough to skip only if it outlives the due time.
+            fresh_for = max(margin, stored.tokens.expires_at - due.at)
+            request = RefreshRequest(fresh_for=fresh_for, force=due.keepalive, urgent=False)
+        elif self._sequence.pending is not None:
+            # Kept tokens whose entry was reported interrupted meanwhile: write them back.
+            request = RefreshRequest(urgent=False)
+        else:
+            return True
         try:
             await self._refresh(request)
         except OAuthError as exc:

@@ -43,7 +43,9 @@ class TokenEvents:
     """Hooks for what the manager does (metrics); the base class ignores them.
 
     Outcomes: ok, transient, invalid_grant, client_rejected, adopted (another process
-    had already refreshed). Only fixed words and numbers: never a token.
+    had already refreshed), lock_lost (the store fenced out this attempt's write),
+    interrupted (another holder's refresh was given up on). Only fixed words and
+    numbers: never a token.
     """
 
     def refreshed(self, outcome: str) -> None:

@@ -32,7 +32,17 @@ from proxy.lifecycle.rules import TokenEvents
 STANDARD_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
-REFRESH_OUTCOMES = ("ok", "transient", "invalid_grant", "client_rejected", "adopted")
+# lock_lost: a refresh's write refused by the Redis fence (the result is written later);
+# interrupted: another instance's refresh was given up on (its mark outlived the grace).
+REFRESH_OUTCOMES = (
+    "ok",
+    "transient",
+    "invalid_grant",
+    "client_rejected",
+    "adopted",
+    "lock_lost",
+    "interrupted",
+)
 REPLAY_RESULTS = ("ok", "rejected", "body_too_large", "no_new_token")
 GUARD_REASONS = (
     "host_not_allowed",
