@@ -24,14 +24,26 @@ START_TIMEOUT = 10.0
 PORT_ATTEMPTS = 3  # another process may take the free port before redis-server binds it
 
 
-@dataclass(frozen=True)
+@dataclass
 class RedisServer:
     port: int
     process: subprocess.Popen[bytes]
+    command: tuple[str, ...] = ()  # how it was started: `restart()` starts it so again
+    password: str | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def restart(self, *, down_for: float = 0.0) -> None:
+        """SIGTERM (Redis writes its AOF and exits), stay down `down_for` s, start again on
+        the same port and directory: with `--appendonly yes` the data survives."""
+        stop_redis(self)
+        time.sleep(down_for)
+        self.process = _spawn(self.command)
+        if not _wait_for_ping(self):
+            stop_redis(self)
+            raise AssertionError(f"redis-server did not come back on port {self.port}")
 
 
 def ping(port: int, *, password: str | None = None, timeout: float = 1.0) -> bool:
@@ -58,17 +70,28 @@ def _executable() -> str:
     return path
 
 
+def _spawn(command: tuple[str, ...]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_for_ping(server: RedisServer) -> bool:
+    deadline = time.monotonic() + START_TIMEOUT
+    while server.process.poll() is None and time.monotonic() < deadline:
+        if ping(server.port, password=server.password):
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def _start(executable: str, directory: str, *args: str, password: str | None) -> RedisServer:
     port = free_port()
-    command = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-    command += ["--appendonly", "no", "--daemonize", "no", "--dir", directory, *args]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = RedisServer(port, process)
-    deadline = time.monotonic() + START_TIMEOUT
-    while process.poll() is None and time.monotonic() < deadline:
-        if ping(port, password=password):
-            return server
-        time.sleep(0.02)
+    # Later options win: `args` may turn persistence on (`--appendonly yes`).
+    command: tuple[str, ...] = (executable, "--port", str(port), "--bind", "127.0.0.1")
+    command += ("--save", "")
+    command += ("--appendonly", "no", "--daemonize", "no", "--dir", directory, *args)
+    server = RedisServer(port, _spawn(command), command, password)
+    if _wait_for_ping(server):
+        return server
     stop_redis(server)
     raise RuntimeError(f"redis-server did not answer PING on port {port}")
 
