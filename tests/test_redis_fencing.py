@@ -41,7 +41,7 @@ from tests.processes import (
     wait_for,
     write_config,
 )
-from tests.redis_server import running_redis
+from tests.redis_server import RedisServer, running_redis
 from tests.sandboxes import get_stats, set_knobs
 
 TOKEN_REQUEST = 3.0  # timeouts.token_request: the lock's TTL is this + LOCK_MARGIN
@@ -286,3 +286,132 @@ async def _absent(raw: aioredis.Redis, key: str) -> bool:
 async def _settled(shared: Shared) -> bool:
     state = await shared.stored()
     return state is not None and state.refresh_started_at is None and state.tokens is not None
+
+
+# -- one instance's writes fail ---------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_an_instance_whose_write_fails_leaves_no_spent_token_to_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with running_redis() as server:
+        admin = aioredis.Redis.from_url(server.url)
+        # A Redis user per instance (a password each, db 3): the ACL takes one's writes away.
+        for user, password in (("holder", "holder-pass"), ("other", "other-pass")):
+            await acl_setuser(admin, user, "on", f">{password}", "~*", "&*")
+            await acl_setuser(admin, user, "+@all")
+        base = f"127.0.0.1:{server.port}/3"
+        async with shared_world(tmp_path, monkeypatch, f"redis://{base}") as shared:
+            holder = shared.instance(0, f"redis://holder:holder-pass@{base}")
+            other = shared.instance(1, f"redis://other:other-pass@{base}")
+            try:
+                await _write_fails(shared, admin, holder, other)
+            finally:
+                await admin.aclose()
+
+
+async def _write_fails(
+    shared: Shared, admin: aioredis.Redis, holder: Instance, other: Instance
+) -> None:
+    await authorise_store(shared.sandbox_url, holder.config, shared.tmp_path / "state0")
+    raw = aioredis.Redis.from_url(shared.redis_url)
+    async with running(holder, other):
+        before = await get_stats(shared.sandbox_url)
+        await set_knobs(shared.sandbox_url, token_latency=2.0)
+        request, _ = await start_refresh_on(holder, shared, raw)
+        # While Pleo rotates: the holder may still read, and write its lock, nothing else.
+        lock = f"{shared.prefix}lock"
+        await acl_setuser(admin, "holder", "resetkeys", "%R~*", f"~{lock}")
+        status, body = await asyncio.wait_for(request, 30)
+        await set_knobs(shared.sandbox_url, token_latency=0)
+        rotated = await get_stats(shared.sandbox_url)
+        left = await shared.stored()
+        # The others find its mark and the spent refresh token, and wait instead.
+        traffic = Traffic([other], workers=4)
+        try:
+            await asyncio.sleep(6.0)
+            waited = await get_stats(shared.sandbox_url)
+            await acl_setuser(admin, "holder", "resetkeys", "~*")
+            # The holder writes the tokens it kept as soon as it can; everyone takes them.
+            await until(lambda: _serves(holder), 30, "the holder serves again")
+            await until(lambda: _serves(other), 30, "the other instance serves again")
+        finally:
+            results = await traffic.stop()
+    await raw.aclose()
+    final = await shared.stored()
+    stats = await get_stats(shared.sandbox_url)
+    assert (status, body.get("error")) == (503, "store_error")  # "persisted before used"
+    assert rotated["refresh_grants"] == before["refresh_grants"] + 1
+    assert left is not None
+    assert left.refresh_started_at is not None  # the mark and the spent token were left
+    # While it could not write, nobody else presented the spent token: no second use.
+    assert waited["token_requests"] == rotated["token_requests"]
+    assert waited["reuse_detected"] == 0
+    assert results["503 token_endpoint_unavailable"] > 0, results  # they did try
+    assert set(results) <= {"200", "503 token_endpoint_unavailable"}, results
+    # Recovered with the tokens it had kept: one refresh in all, never a reuse.
+    assert stats["reuse_detected"] == 0
+    assert stats["refresh_grants"] == before["refresh_grants"] + 1
+    assert final is not None
+    assert (final.refresh_count, final.refresh_started_at, final.reauth_reason) == (1, None, None)
+
+
+async def acl_setuser(admin: aioredis.Redis, user: str, *rules: str) -> None:
+    await admin.execute_command("ACL", "SETUSER", user, *rules)  # type: ignore[no-untyped-call]
+
+
+async def _serves(instance: Instance) -> bool:
+    return (await get(f"{instance.base}/v1/introspect"))[0] == 200
+
+
+# -- Redis restarted under traffic ------------------------------------------------------
+
+RESTART_TTL = 8.0  # access tokens: refreshed 4 s before expiry, so about every 4 s
+DOWN_FOR = 2.0
+
+
+@pytest.mark.timeout(120)
+async def test_redis_restarted_under_traffic_fails_no_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    persist = ("--appendonly", "yes", "--appendfsync", "always")
+    with running_redis(*persist, "--requirepass", "redis-pass", password="redis-pass") as server:
+        url = f"redis://:redis-pass@127.0.0.1:{server.port}/5"  # a password and a db
+        async with shared_world(tmp_path, monkeypatch, url) as shared:
+            await _restart_under_traffic(shared, server)
+
+
+async def _restart_under_traffic(shared: Shared, server: RedisServer) -> None:
+    instances = [shared.instance(0), shared.instance(1)]
+    await set_knobs(shared.sandbox_url, access_ttl=RESTART_TTL)
+    await authorise_store(shared.sandbox_url, instances[0].config, shared.tmp_path / "state0")
+    async with running(*instances):
+        traffic = Traffic(instances, workers=16)
+        try:
+            await asyncio.sleep(RESTART_TTL)  # a refresh or two, shared
+            # Just after a refresh, so that the outage is inside the access token's life.
+            grants = (await get_stats(shared.sandbox_url))["refresh_grants"]
+            await until(lambda: _refreshed_since(shared, grants), 15, "a refresh")
+            await asyncio.sleep(0.3)  # both instances have the new tokens
+            at_restart = (await get_stats(shared.sandbox_url))["refresh_grants"]
+            old = server.process
+            await asyncio.to_thread(server.restart, down_for=DOWN_FOR)
+            during = traffic.failed()
+            await asyncio.sleep(3 * RESTART_TTL)  # refreshes go on through the new server
+        finally:
+            results = await traffic.stop()
+    stats = await get_stats(shared.sandbox_url)
+    final = await shared.stored()
+    assert old.returncode is not None  # it was down
+    assert during == 0
+    assert set(results) == {"200"}, results
+    assert stats["reuse_detected"] == 0
+    assert stats["refresh_grants"] >= at_restart + 3  # full recovery: refreshing again
+    assert final is not None
+    # The state survived the restart (AOF): the count went on from where it was.
+    assert final.refresh_count == stats["refresh_grants"]
+
+
+async def _refreshed_since(shared: Shared, grants: int) -> bool:
+    return int((await get_stats(shared.sandbox_url))["refresh_grants"]) > grants
