@@ -1,6 +1,7 @@
 """Sidecars sharing one Pleo connection through Redis: real `pleo-proxy run` processes,
 each with its own state directory, one redis-server, one key, and the sandbox counting
-refresh grants and any reuse of a spent refresh token."""
+refresh grants and any reuse of a spent refresh token. The long one: six sidecars, two
+hundred concurrent clients, 2 s access tokens, a minute (PLEO_PROXY_REDIS_SIX_SECONDS)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ from tests.redis_server import redis_url  # noqa: F401
 from tests.sandboxes import get_stats, set_knobs
 
 SHARED_SECONDS = float(os.environ.get("PLEO_PROXY_REDIS_SHARED_SECONDS", "20"))
+SIX_SECONDS = float(os.environ.get("PLEO_PROXY_REDIS_SIX_SECONDS", "60"))
+SIX_INSTANCES = 6
+SIX_CLIENTS = 200
 PICKUP_TIMEOUT = 10.0
 
 
@@ -70,6 +74,29 @@ async def test_two_sidecars_share_one_connection_through_redis(
     for _, state_dir in instances:
         assert not (state_dir / "tokens.enc").exists()  # the tokens live in Redis only
         assert not (state_dir / "tokens.key").exists()  # the key came from the environment
+
+
+@pytest.mark.timeout(SIX_SECONDS + 180)
+async def test_six_sidecars_and_two_hundred_clients_share_one_connection(
+    tmp_path: Path,
+    redis_url: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PLEO_PROXY_KEY", base64.b64encode(generate_key()).decode())
+    ports = [free_port() for _ in range(SIX_INSTANCES)]
+    with sandbox_process() as sandbox_url:
+        await set_knobs(sandbox_url, access_ttl=2)
+        instances = _configs(tmp_path, sandbox_url, redis_url, ports)
+        await authorise_store(sandbox_url, *instances[0])
+        configs = [config for config, _ in instances]
+        results = await traffic_through_proxies(configs, ports, SIX_SECONDS, workers=SIX_CLIENTS)
+        stats = await get_stats(sandbox_url)
+    print(f"{SIX_INSTANCES} sidecars, {SIX_CLIENTS} clients, {SIX_SECONDS:g} s: {results} {stats}")
+    assert set(results) == {"200"}, results  # zero failed requests
+    assert results["200"] > SIX_CLIENTS * 10
+    assert stats["reuse_detected"] == 0
+    # 2 s tokens refreshed 1 s before expiry: about one refresh a second in all, shared.
+    assert SIX_SECONDS / 2 <= stats["refresh_grants"] <= SIX_SECONDS * 2
 
 
 async def test_an_unauthorised_instance_picks_up_tokens_another_stored(
