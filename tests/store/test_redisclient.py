@@ -8,11 +8,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from proxy.errors import LockTimeout, StoreError
 from proxy.store import TokenStore
 from proxy.store.redis import RedisStore, RedisStores
 from proxy.store.redisclient import RedisBackend, display_url
+from tests.http.test_app import _write_tls_files
 from tests.processes import free_port
 from tests.redis_server import running_redis
 from tests.store.contract import sample_state
@@ -117,3 +119,58 @@ async def test_unreachable_redis_fails_every_connection_operation_alike(tmp_path
             assert "operator" not in caught.value.detail
     finally:
         await stores.close()
+
+
+async def test_a_user_password_and_db_in_the_url_are_used(tmp_path: Path) -> None:
+    with running_redis("--requirepass", "admin-pass", password="admin-pass") as server:
+        admin = aioredis.Redis.from_url(f"redis://:admin-pass@127.0.0.1:{server.port}/0")
+        try:
+            rules = ("on", ">proxy-pass", "~*", "&*", "+@all")
+            await admin.execute_command("ACL", "SETUSER", "proxy", *rules)  # type: ignore[no-untyped-call]
+            url = f"redis://proxy:proxy-pass@127.0.0.1:{server.port}/7"
+            store = RedisStore(url, prefix=PREFIX, key_file=tmp_path / "k", environ={})
+            try:
+                await store.verify()
+                async with store.lock(1.0):
+                    await store.save(sample_state(3))
+                assert await store.load() == sample_state(3)
+            finally:
+                await store.close()
+            # In db 7, as the URL says, and nowhere in db 0.
+            assert await admin.exists(f"{PREFIX}state") == 0
+            seven = aioredis.Redis.from_url(f"redis://:admin-pass@127.0.0.1:{server.port}/7")
+            assert await seven.exists(f"{PREFIX}state") == 1
+            await seven.aclose()
+        finally:
+            await admin.aclose()
+
+
+async def test_rediss_verifies_the_server_with_the_ca_named_in_the_url(tmp_path: Path) -> None:
+    ca_file, _ = _write_tls_files(tmp_path)
+    server_pem = tmp_path / "server.pem"  # certificate and key, as redis-server reads them
+    tls_port = free_port()
+    tls: tuple[str, ...] = ("--tls-port", str(tls_port), "--tls-cert-file", str(server_pem))
+    tls += ("--tls-key-file", str(server_pem), "--tls-auth-clients", "no")
+    with running_redis(*tls, "--requirepass", "tls-pass", password="tls-pass"):
+        url = f"rediss://:tls-pass@127.0.0.1:{tls_port}/2?ssl_ca_certs={ca_file}"
+        store = RedisStore(url, prefix=PREFIX, key_file=tmp_path / "k", environ={})
+        try:
+            await store.verify()
+            await store.save(sample_state(4))
+            assert await store.load() == sample_state(4)
+        finally:
+            await store.close()
+        # Without that CA the server's certificate is not trusted: refused, and said so.
+        untrusted = RedisStore(
+            f"rediss://:tls-pass@127.0.0.1:{tls_port}/2", prefix=PREFIX, key_file=tmp_path / "k"
+        )
+        try:
+            with pytest.raises(StoreError) as caught:
+                await untrusted.load()
+        finally:
+            await untrusted.close()
+    assert f"rediss://127.0.0.1:{tls_port}/2" in caught.value.detail
+    assert (
+        "CERTIFICATE_VERIFY_FAILED" in caught.value.detail or "certificate" in caught.value.detail
+    )
+    assert "tls-pass" not in caught.value.detail
