@@ -174,13 +174,15 @@ async def token(request: web.Request) -> web.StreamResponse:
 
 
 async def _token(request: web.Request, state: SandboxState) -> web.StreamResponse:
+    # Read first, then slow: like a real server, the sandbox completes a request it has
+    # received even if the client has gone meanwhile (its rotated tokens are then lost).
+    form = await request.post() if request.content_type == FORM_TYPE else None
     await state.pause(state.knobs.latency + state.knobs.token_latency)
     failure = state.take_token_failure()
     if failure is not None:
         return await _fail(request, state, failure)
-    if request.content_type != FORM_TYPE:
+    if form is None:
         return token_error("invalid_request", f"the body must be {FORM_TYPE}")
-    form = await request.post()
     client_id = _authenticate(request, form, state)
     if client_id is None:
         return token_error("invalid_client", "client authentication failed", status=401)
