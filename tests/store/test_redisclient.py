@@ -14,7 +14,7 @@ from proxy.errors import LockTimeout, StoreError
 from proxy.store import TokenStore
 from proxy.store.redis import RedisStore, RedisStores
 from proxy.store.redisclient import RedisBackend, display_url
-from tests.http.test_app import _write_tls_files
+from tests.certs import make_ca
 from tests.processes import free_port
 from tests.redis_server import running_redis
 from tests.store.contract import sample_state
@@ -146,11 +146,12 @@ async def test_a_user_password_and_db_in_the_url_are_used(tmp_path: Path) -> Non
 
 
 async def test_rediss_verifies_the_server_with_the_ca_named_in_the_url(tmp_path: Path) -> None:
-    ca_file, _ = _write_tls_files(tmp_path)
-    server_pem = tmp_path / "server.pem"  # certificate and key, as redis-server reads them
+    ca = make_ca(tmp_path / "ca")
+    server_files = ca.issue(tmp_path, "redis")
+    ca_file = ca.path
     tls_port = free_port()
-    tls: tuple[str, ...] = ("--tls-port", str(tls_port), "--tls-cert-file", str(server_pem))
-    tls += ("--tls-key-file", str(server_pem), "--tls-auth-clients", "no")
+    tls: tuple[str, ...] = ("--tls-port", str(tls_port), "--tls-cert-file", str(server_files.cert))
+    tls += ("--tls-key-file", str(server_files.key), "--tls-auth-clients", "no")
     with running_redis(*tls, "--requirepass", "tls-pass", password="tls-pass"):
         url = f"rediss://:tls-pass@127.0.0.1:{tls_port}/2?ssl_ca_certs={ca_file}"
         store = RedisStore(url, prefix=PREFIX, key_file=tmp_path / "k", environ={})
