@@ -104,8 +104,10 @@ async def test_a_401_for_a_valid_token_is_refreshed_and_replayed_once(
 async def test_500_concurrent_requests_with_an_expired_token_share_one_refresh(
     sandbox: RunningSandbox, tmp_path: Path
 ) -> None:
-    # 4 s tokens: the burst is over well before a proactive refresh (at half-life) is due.
-    await set_knobs(sandbox.url, access_ttl=4)
+    # 8 s tokens: the burst is over well before a proactive refresh is due (at half-life,
+    # up to a quarter of that margin earlier by the scheduler's jitter), even on a busy
+    # machine.
+    await set_knobs(sandbox.url, access_ttl=8)
     async with (
         running_proxy(sandbox, tmp_path) as config,
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client,
