@@ -30,6 +30,15 @@ def free_port() -> int:
         return port
 
 
+def children(pid: int) -> list[int]:
+    """The direct children of process `pid` (the proxy's: its refresh helper)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(p) for p in text.split()]
+
+
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
     """A blocking GET that returns (status, body) for any status."""
     try:
