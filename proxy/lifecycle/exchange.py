@@ -19,7 +19,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -152,9 +152,21 @@ class _Link:
 class Exchanger:
     """The one refresh helper of this process: started once, again if it died."""
 
-    def __init__(self, config: Config, *, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        environ: Mapping[str, str] | None = None,
+        command: Sequence[str] | None = None,
+    ) -> None:
+        """`environ`: where the helper's few variables and the key source come from (this
+        process's environment by default); `command`: the helper's command line before its
+        descriptor number (`python -m proxy.lifecycle.exchanger` by default)."""
         self._config = config
         self._environ = os.environ if environ is None else environ
+        self._command = (
+            list(command) if command is not None else [sys.executable, "-m", HELPER_MODULE]
+        )
         self._link: _Link | None = None
         self._starting: asyncio.Future[_Link] | None = None
         self._retry_at = float("-inf")
@@ -171,6 +183,14 @@ class Exchanger:
         """Start the helper in the background (the first refresh waits for it)."""
         self._starting = asyncio.ensure_future(self._spawn())
         self._starting.add_done_callback(_retrieved)
+
+    async def ready(self) -> bool:
+        """Wait until the helper runs; False when it cannot start (refreshes then run here)."""
+        try:
+            await self._running()
+        except HelperUnavailable:
+            return False
+        return True
 
     def discard(self, name: str) -> None:
         """Tell the helper to drop what it keeps for `name` (a logout); none running: none."""
@@ -231,9 +251,7 @@ class Exchanger:
         try:
             try:
                 process = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    HELPER_MODULE,
+                    *self._command,
                     str(theirs.fileno()),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.DEVNULL,
