@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -86,7 +87,7 @@ class _Link:
 
     def __init__(
         self,
-        process: asyncio.subprocess.Process,
+        process: subprocess.Popen[bytes],
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
@@ -95,11 +96,20 @@ class _Link:
         self._writer = writer
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[wire.Answer]] = {}
-        self._listener = asyncio.create_task(self._listen(), name="refresh-helper-answers")
+        self._listener: asyncio.Task[None] | None = None
 
     @property
     def alive(self) -> bool:
-        return not self._listener.done()
+        return self._listener is not None and not self._listener.done()
+
+    async def hello(self, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
+        """The helper's first frame ("ready", or why not); then answers are listened for."""
+        frame = await asyncio.wait_for(wire.receive(self._reader), timeout)
+        if frame is None:
+            return {"ready": False, "error": "it exited"}
+        if frame.get("ready") is True:
+            self._listener = asyncio.create_task(self._listen(), name="refresh-helper-answers")
+        return frame
 
     async def ask(self, request: wire.Request, *, timeout: float) -> wire.Answer:  # noqa: ASYNC109
         future = asyncio.get_running_loop().create_future()
@@ -142,11 +152,12 @@ class _Link:
         with contextlib.suppress(ConnectionError):
             await self._writer.wait_closed()
         try:
-            await asyncio.wait_for(self.process.wait(), wait)
-        except TimeoutError:
+            await asyncio.to_thread(self.process.wait, wait)
+        except subprocess.TimeoutExpired:
             log.warning("the refresh helper (pid %d) is still finishing", self.process.pid)
-        self._listener.cancel()
-        await asyncio.gather(self._listener, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
 
 
 class Exchanger:
@@ -250,37 +261,41 @@ class Exchanger:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             try:
-                process = await asyncio.create_subprocess_exec(
-                    *self._command,
-                    str(theirs.fileno()),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.DEVNULL,
-                    env=helper_environment(self._environ),
-                    # Only its end of the socket (and stderr, for its log lines).
-                    close_fds=True,
-                    pass_fds=(theirs.fileno(),),
-                    # Its own session: signals for the proxy's process group or terminal
-                    # (a SIGKILL of the group, Ctrl-C) do not end an exchange in flight.
-                    start_new_session=True,
-                )
+                # subprocess, not the event loop's own: uvloop's spawn leaves descriptors
+                # of its own (dups of /dev/null and stdio, a pipe) open in the child. A
+                # fork and exec takes milliseconds, once per helper.
+                process = self._popen(theirs.fileno())
             finally:
                 theirs.close()
             reader, writer = await asyncio.open_unix_connection(sock=ours)
         except BaseException:
             ours.close()
             raise
+        link = _Link(process, reader, writer)
         try:
             await wire.send(writer, wire.settings_doc(self._settings()))
-            hello = await asyncio.wait_for(wire.receive(reader), START_TIMEOUT)
+            hello = await link.hello(START_TIMEOUT)
         except BaseException:
-            writer.close()
-            raise
-        link = _Link(process, reader, writer)
-        if hello is None or hello.get("ready") is not True:
             await link.close(wait=5.0)
-            reason = (hello or {}).get("error", "it exited")
-            raise HelperLost(f"the refresh helper did not start: {reason}")
+            raise
+        if hello.get("ready") is not True:
+            await link.close(wait=5.0)
+            raise HelperLost(f"the refresh helper did not start: {hello.get('error')}")
         return link
+
+    def _popen(self, fd: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [*self._command, str(fd)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            env=helper_environment(self._environ),
+            # Only its end of the socket (and stderr, for its log lines).
+            close_fds=True,
+            pass_fds=(fd,),
+            # Its own session: signals for the proxy's process group or terminal (a SIGKILL
+            # of the group, Ctrl-C) do not end an exchange in flight.
+            start_new_session=True,
+        )
 
     def _settings(self) -> wire.Settings:
         key_environ = {

@@ -8,8 +8,10 @@ and what a helper that dies costs: a retry, or the honest "a refresh was interru
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -19,7 +21,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.config import Config
+from proxy.config import Config, load_config
 from proxy.errors import ReauthorizationRequired
 from proxy.lifecycle.exchange import Exchanger
 from proxy.lifecycle.manager import INTERRUPTED_REASON, TokenManager, TokenState, bearer
@@ -28,6 +30,7 @@ from proxy.store.crypto import format_key, generate_key
 from proxy.store.file import FileStore
 from proxy.tokenset import StoredState, TokenSet
 from tests.flows import grant_tokens, sandbox_config
+from tests.processes import PLEO_PROXY, children, free_port, import_tokens, wait_for, write_config
 from tests.sandboxes import RunningSandbox, get_stats, sandbox, set_knobs
 
 __all__ = ["sandbox"]
@@ -226,3 +229,47 @@ async def test_a_helper_killed_in_an_exchange_ends_as_an_interrupted_refresh(
     state = await stored(config)
     assert (state.tokens, state.reauth_reason) == (None, INTERRUPTED_REASON)
     assert (await get_stats(sandbox.url))["reuse_detected"] == 1
+
+
+def descriptors(pid: int) -> dict[int, str]:
+    """What each open descriptor of `pid` refers to (file, socket:[inode], pipe:[inode])."""
+    found = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            found[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+    return found
+
+
+async def test_a_running_proxys_helper_holds_none_of_its_descriptors(
+    sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    port = free_port()
+    config_file = write_config(
+        tmp_path / "proxy.yaml", sandbox_url=sandbox.url, port=port, state_dir=tmp_path / "state"
+    )
+    tokens = await grant_tokens(load_config(config_file), now=time.time())
+    await asyncio.to_thread(import_tokens, config_file, tokens)
+    proxy = subprocess.Popen(
+        [*PLEO_PROXY, "run", "--config", str(config_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        await asyncio.to_thread(wait_for, f"http://127.0.0.1:{port}/_proxy/readyz")
+        await until(lambda: len(children(proxy.pid)) == 1)
+        (helper,) = children(proxy.pid)
+        await until(lambda: len(descriptors(helper)) > 4)  # its own event loop is up
+        theirs = {
+            target
+            for fd, target in descriptors(helper).items()
+            if fd > 2 and not target.startswith("anon_inode:")  # epoll: one per process
+        }
+        ours = descriptors(proxy.pid)
+        assert any(target.startswith("socket:") for target in ours.values())  # the listener
+        # Not the listening socket, the token file's lock, or anything else of the proxy's.
+        assert theirs & set(ours.values()) == set()
+        assert os.getsid(helper) == helper != os.getsid(proxy.pid)
+    finally:
+        os.killpg(proxy.pid, signal.SIGKILL)  # the proxy's whole group: not its helper
+        proxy.wait(timeout=10)
