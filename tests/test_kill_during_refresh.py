@@ -1,13 +1,14 @@
 """SIGKILL in the middle of a token exchange loses no grant (the refresh helper's purpose).
 
 Real `pleo-proxy run` processes, the sandbox with its token endpoint slowed to 800 ms, and
-traffic flowing. Each round waits until a refresh reaches the token endpoint, SIGKILLs
-the proxy's main process (every other round: its whole process group) at a random moment
-of the exchange, and starts the proxy again. The refresh helper finishes the exchange and
-persists it; after every restart the proxy serves without re-authorisation, the helper
-has exited within the token-request timeout, and the sandbox never sees a refresh token
-presented twice. Killing the helper too (the whole cgroup at once) keeps the honest end:
-"a refresh was interrupted", one refused attempt, no loop.
+traffic flowing. Each round waits until a refresh (proactive, or every other round one
+that a 401 started) reaches the token endpoint, SIGKILLs the proxy's main process (in half
+the rounds its whole process group) at a random moment of the exchange, and starts the
+proxy again. The refresh helper finishes the exchange and persists it; after every
+restart the proxy serves without re-authorisation, the helper has exited within the
+token-request timeout, and the sandbox never sees a refresh token presented twice.
+Killing the helper too (the whole cgroup at once) keeps the honest end: "a refresh was
+interrupted", one refused attempt, no loop.
 """
 
 from __future__ import annotations
@@ -160,12 +161,6 @@ async def wait_exit(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int
     return await asyncio.to_thread(proc.wait, timeout)
 
 
-async def until_gone(pid: int, deadline: float) -> None:
-    while not gone(pid):
-        assert time.monotonic() < deadline, f"the refresh helper {pid} outlived its exchange"
-        await asyncio.sleep(0.02)
-
-
 async def kill_rounds(
     rig: Rig, *, rounds: int = ROUNDS, workers: int = 1, prefix: tuple[str, ...] = ()
 ) -> list[float]:
@@ -177,33 +172,47 @@ async def kill_rounds(
     rng = random.Random(os.environ.get("PLEO_PROXY_SEED", "exchange"))
     offsets: list[float] = []
     supervised = workers > 1 or bool(prefix)
+    killed: list[tuple[int, float]] = []  # (helper, when its proxy was killed)
     for round_number in range(rounds):
         proc = rig.start(workers=workers, prefix=prefix)
         try:
             await serves(rig)
+            await helpers_gone(killed)
             async with flowing(rig):
                 seen = rig.token_requests
+                if round_number % 2:
+                    # A 401 for the next request: an on-demand refresh, at once. Even
+                    # rounds wait for the proactive one (within a second, tokens live 2 s).
+                    rig.sandbox.state.set_knobs({"api_401_once": True})
                 await exchange_started(rig, seen)
                 helper = lock_holder(rig.lock_file) if supervised else children(proc.pid)[0]
                 assert helper is not None, "nobody holds the lock during the exchange"
                 victim = parent(helper)  # the worker whose helper runs the exchange
                 offsets.append(rng.uniform(0.0, TOKEN_LATENCY + 0.1))
                 await asyncio.sleep(offsets[-1])
-                if victim == proc.pid and round_number % 2:
+                if victim == proc.pid and round_number % 4 >= 2:
                     os.killpg(proc.pid, signal.SIGKILL)  # the whole group: not the helper
                 else:
                     os.kill(victim, signal.SIGKILL)
-                killed_at = time.monotonic()
-                # Within the token-request timeout of its proxy's death, and usually at
-                # once: the exchange ends with the token endpoint's answer.
-                await until_gone(helper, killed_at + TOKEN_REQUEST + WRITE_GRACE)
+                killed.append((helper, time.monotonic()))
         finally:
             if proc.poll() is None and not supervised:
                 proc.kill()
             await wait_exit(proc)  # supervised: the supervisor ends the group itself
         if supervised:  # it waited for the helper and reaped it: not even a zombie is left
             assert not Path(f"/proc/{helper}").exists()
+    await helpers_gone(killed)
     return offsets
+
+
+async def helpers_gone(killed: list[tuple[int, float]]) -> None:
+    """Each helper exited within the token-request timeout of its proxy's death (usually
+    at once: the exchange ends with the token endpoint's answer, 800 ms at most)."""
+    for helper, killed_at in killed:
+        while not gone(helper):
+            deadline = killed_at + TOKEN_REQUEST + WRITE_GRACE
+            assert time.monotonic() < deadline, f"the refresh helper {helper} outlived it"
+            await asyncio.sleep(0.02)
 
 
 async def the_proxy_serves_once_more(rig: Rig) -> None:

@@ -219,7 +219,8 @@ class Exchanger:
         """Close our end; the helper finishes what holds a lock, and exits."""
         self._closed = True
         if self._starting is not None and not self._starting.done():
-            self._starting.cancel()
+            self._starting.cancel()  # its clean-up closes the socket and reaps the helper
+            await asyncio.gather(self._starting, return_exceptions=True)
         wait = self._config.timeouts.token_request + 10
         if self._link is not None:
             await self._link.close(wait=wait)
