@@ -20,6 +20,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -41,7 +42,7 @@ from tests.sandboxes import RunningSandbox, sandbox, set_knobs
 __all__ = ["redis_url", "sandbox"]
 
 ROUNDS = int(os.environ.get("PLEO_PROXY_KILL_ROUNDS", "20"))
-PID1_ROUNDS = 3
+PID1_ROUNDS = 2
 TOKEN_LATENCY = 0.8
 # Tokens live 2 s and are refreshed 1 s before expiry: an exchange starts every second.
 ACCESS_TTL = 2
@@ -158,7 +159,13 @@ async def flowing(rig: Rig) -> AsyncIterator[Counter[str]]:
 
 
 async def wait_exit(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
-    return await asyncio.to_thread(proc.wait, timeout)
+    """Its exit code; past `timeout` its process group is killed and the test fails."""
+    try:
+        return await asyncio.to_thread(proc.wait, timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # never leave a proxy behind (`unshare` too)
+        await asyncio.to_thread(proc.wait, 10)
+        raise
 
 
 async def kill_rounds(
@@ -196,8 +203,9 @@ async def kill_rounds(
                     os.kill(victim, signal.SIGKILL)
                 killed.append((helper, time.monotonic()))
         finally:
-            if proc.poll() is None and not supervised:
-                proc.kill()
+            failed = sys.exc_info()[0] is not None
+            if proc.poll() is None and (failed or not supervised):
+                os.killpg(proc.pid, signal.SIGKILL)
             await wait_exit(proc)  # supervised: the supervisor ends the group itself
         if supervised:  # it waited for the helper and reaped it: not even a zombie is left
             assert not Path(f"/proc/{helper}").exists()
