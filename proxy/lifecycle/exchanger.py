@@ -140,17 +140,22 @@ class Helper:
                 del self._waiting[name], self._turns[name]
 
     async def _finish(self) -> None:
-        """The proxy's end closed: finish what reached the store lock, drop the rest."""
+        """The proxy's end closed: finish what reached the store lock, drop the rest; all
+        within the token-request timeout and WRITE_GRACE, whatever the store does."""
         for task, events in list(self._runs.items()):
             if not events.holding_lock:
                 task.cancel()  # nothing was marked or sent to Pleo for it yet
         runs = list(self._runs)
-        if runs:
-            _, late = await asyncio.wait(runs, timeout=self._token_request + WRITE_GRACE)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*runs, return_exceptions=True)
-        await self._write_pending()
+        try:
+            async with asyncio.timeout(self._token_request + WRITE_GRACE):
+                if runs:
+                    await asyncio.wait(runs)
+                await self._write_pending()
+        except TimeoutError:
+            log.error("the refresh helper gave up on what it still had to do, and exits")
+        for task in runs:
+            task.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)
 
     async def _write_pending(self) -> None:
         """Last chance for what runs could not write (new tokens above all): nobody asks
@@ -163,7 +168,7 @@ class Helper:
             )
             sequence.pending = pending
             try:
-                async with asyncio.timeout(WRITE_GRACE), store.lock(WRITE_GRACE):
+                async with store.lock(WRITE_GRACE):
                     await sequence.flush_pending(await store.load())
             except Exception as exc:  # logged: nothing else is left to do
                 log.error("a refresh result could not be written before exit: %s", exc)
