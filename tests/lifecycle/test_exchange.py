@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 
 from proxy.config import Config, load_config
-from proxy.errors import ReauthorizationRequired
+from proxy.errors import ReauthorizationRequired, StoreError
 from proxy.lifecycle.exchange import Exchanger
 from proxy.lifecycle.manager import INTERRUPTED_REASON, TokenManager, TokenState, bearer
 from proxy.lifecycle.rules import TokenEvents
@@ -32,6 +32,7 @@ from proxy.tokenset import StoredState, TokenSet
 from tests.flows import grant_tokens, sandbox_config
 from tests.processes import PLEO_PROXY, children, free_port, import_tokens, wait_for, write_config
 from tests.sandboxes import RunningSandbox, get_stats, sandbox, set_knobs
+from tests.test_faults import file_size_limit
 
 __all__ = ["sandbox"]
 
@@ -273,3 +274,32 @@ async def test_a_running_proxys_helper_holds_none_of_its_descriptors(
     finally:
         os.killpg(proxy.pid, signal.SIGKILL)  # the proxy's whole group: not its helper
         proxy.wait(timeout=10)
+
+
+def busy(manager: TokenManager) -> bool:
+    return manager.busy
+
+
+async def test_a_result_the_helper_keeps_never_outlives_a_deletion(
+    sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    """Pleo answered while the disk was full: the helper keeps the new tokens to write
+    later. The connection is deleted meanwhile; the helper is told, and never writes them
+    back (not at its next run, not at exit)."""
+    config, old = await seeded(sandbox, tmp_path)
+    exchanger = Exchanger(config)
+    async with helped(config, exchanger) as manager:
+        pid = await running_helper(exchanger)
+        await set_knobs(sandbox.url, token_latency=1.0)
+        seen = sandbox.state.stats.token_requests
+        refresh = asyncio.create_task(manager.on_rejected(bearer(old)))
+        await until_token_request(sandbox, seen)
+        with file_size_limit(pid, 64):
+            with pytest.raises(StoreError):
+                await asyncio.wait_for(refresh, 20)
+            assert busy(manager)  # the kept tokens are due to be written
+        await manager.forget()
+        assert not busy(manager)
+    assert await FileStore.from_config(config).load() is None  # still deleted
+    stats = await get_stats(sandbox.url)
+    assert (stats["refresh_grants"], stats["reuse_detected"]) == (1, 0)

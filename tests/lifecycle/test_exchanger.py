@@ -20,7 +20,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from proxy.config import Config, Timeouts
+from proxy.errors import StoreError
 from proxy.lifecycle import wire
 from proxy.lifecycle.exchange import HELPER_MODULE
 from proxy.lifecycle.exchanger import WRITE_GRACE
@@ -29,6 +32,7 @@ from proxy.store.file import FileStore
 from proxy.tokenset import StoredState, TokenSet
 from tests.flows import grant_tokens, sandbox_config
 from tests.sandboxes import RunningSandbox, sandbox, set_knobs
+from tests.test_faults import file_size_limit
 
 __all__ = ["sandbox"]
 
@@ -220,3 +224,41 @@ async def test_a_proxy_gone_before_the_settings_ends_it_quietly() -> None:
         helper.vanish()
         assert await helper.exited_within(10.0) == 0
         assert await helper.stderr() == ""
+
+
+@pytest.mark.parametrize("logged_out", [False, True], ids=["kept", "discarded"])
+async def test_a_result_it_could_not_write_is_written_at_exit_unless_discarded(
+    sandbox: RunningSandbox, tmp_path: Path, logged_out: bool
+) -> None:
+    """The disk was full when Pleo answered: the helper keeps the result (the only live
+    tokens) and, once its proxy is gone, writes it over its own mark before exiting.
+    After a logout (`discard`) it never does: a refresh result never outlives a logout."""
+    config, old = await seeded(sandbox, tmp_path)
+    await set_knobs(sandbox.url, token_latency=1.0)
+    async with helper_process() as helper:
+        assert (await helper.hello(config))["ready"] is True
+        seen = sandbox.state.stats.token_requests
+        await helper.ask(rejected(old))
+        await until_token_request(sandbox, seen)  # the mark is written; Pleo answers in 1 s
+        with file_size_limit(helper.process.pid, 64):
+            frame = await asyncio.wait_for(wire.receive(helper.reader), 20)
+            assert frame is not None
+            answer = wire.parse_answer(frame)
+            with pytest.raises(StoreError):
+                answer.outcome()
+            assert answer.pending is not None
+            assert answer.pending.fresh
+            if logged_out:
+                await helper.send(wire.discard_doc("default"))
+        helper.writer.close()
+        assert await helper.exited_within(10.0) == 0
+    state = await stored(config)
+    if logged_out:
+        assert (state.tokens, state.refresh_count) == (old, 0)  # only its mark is left
+        assert state.refresh_started_at is not None
+    else:
+        assert state.tokens is not None
+        assert state.tokens.access_token != old.access_token
+        assert (state.refresh_count, state.refresh_started_at) == (1, None)
+    stats = sandbox.state.stats
+    assert (stats.refresh_grants, stats.reuse_detected) == (1, 0)
