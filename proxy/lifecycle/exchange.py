@@ -46,18 +46,9 @@ RESTART_PAUSE = 30.0
 ANSWER_MARGIN = 30.0
 # All the helper gets of the environment: how to run Python, the locale, TLS trust. Other
 # variables may hold secrets (`${ENV}` in the config); what it needs comes over the socket.
-INHERITED_VARIABLES = (
-    "PATH",
-    "PYTHONPATH",
-    "PYTHONDONTWRITEBYTECODE",
-    "PYTHONUNBUFFERED",
-    "LANG",
-    "LC_ALL",
-    "LC_CTYPE",
-    "TZ",
-    "SSL_CERT_FILE",
-    "SSL_CERT_DIR",
-    "LD_LIBRARY_PATH",
+INHERITED_VARIABLES = frozenset(
+    {"PATH", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "LANG", "LC_ALL"}
+    | {"LC_CTYPE", "TZ", "LD_LIBRARY_PATH", "SSL_CERT_FILE", "SSL_CERT_DIR"}
 )
 KEY_VARIABLES = (ENV_KEY, "CREDENTIALS_DIRECTORY")  # where the store key is looked up
 
@@ -71,7 +62,7 @@ class HelperLost(Exception):
 
 
 def helper_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    return {name: environ[name] for name in INHERITED_VARIABLES if name in environ}
+    return {name: value for name, value in environ.items() if name in INHERITED_VARIABLES}
 
 
 def log_settings() -> tuple[str, str]:
