@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -24,6 +25,8 @@ from proxy.ops.logs import redact, setup_logging
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+# Beyond the token-request timeout: the two writes of a refresh helper's last exchange.
+HELPER_GRACE = 10.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -169,10 +172,14 @@ def _run(config: Config, args: argparse.Namespace) -> int:
     """`run`: serve (or supervise workers); a start-up failure is one `error:` line, exit 1."""
     setup_logging(config.log_level, fmt=args.log_format)
     workers = args.workers if args.workers is not None else config.workers
-    if workers > 1 and not args.worker:
+    # As PID 1 (a container's entrypoint) even one worker runs under the supervisor: when
+    # PID 1 ends, the kernel kills everything in the container, the refresh helper of a
+    # killed worker too; the supervisor waits for it (see proxy/ops/workers.py).
+    if (workers > 1 or os.getpid() == 1) and not args.worker:
         from proxy.ops.workers import supervise
 
-        return supervise(args.config, workers, log_format=args.log_format)
+        linger = config.timeouts.token_request + HELPER_GRACE
+        return supervise(args.config, workers, log_format=args.log_format, linger=linger)
     from proxy.http.serve import serve
     from proxy.ops.workers import announce_ready
 

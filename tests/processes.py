@@ -30,6 +30,18 @@ def free_port() -> int:
         return port
 
 
+def children(pid: int) -> list[int]:
+    """The direct children of process `pid` (the proxy's: its refresh helper), whichever
+    of its threads started them (the kernel lists children per thread)."""
+    found: list[int] = []
+    for children_file in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(p) for p in children_file.read_text().split()]
+        except FileNotFoundError:
+            continue  # the thread ended meanwhile
+    return sorted(found)
+
+
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
     """A blocking GET that returns (status, body) for any status."""
     try:

@@ -2,8 +2,9 @@
 
 Token-endpoint faults use the sandbox's knobs (and a dead port); upstream faults a raw
 asyncio server that resets, stalls or speaks broken HTTP; disk faults a real proxy
-process whose file-size limit (RLIMIT_FSIZE, set from outside with prlimit) or state
-directory permissions change while it runs. For each: the client sees success or a
+process whose file-size limit (RLIMIT_FSIZE, set from outside with prlimit, on the proxy
+and on its refresh helper, which writes the tokens) or state directory permissions change
+while it runs. For each: the client sees success or a
 clear JSON error, and the stored refresh token still works afterwards (or the state
 says why not). SIGKILL during a write: tests/store/test_file.py
 (`test_sigkill_during_saves_never_leaves_a_torn_file`).
@@ -17,8 +18,8 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from proxy.store.crypto import format_key, generate_key
 from proxy.store.file import FileStore
 from proxy.tokenset import StoredState, TokenSet
 from tests.flows import grant_tokens, sandbox_config
-from tests.processes import free_port, import_tokens, write_config
+from tests.processes import children, free_port, import_tokens, write_config
 from tests.proxyproc import RecordingCredentials, proxy_config, run_proxy_app
 from tests.sandboxes import RunningSandbox, get_stats, sandbox, set_knobs
 from tests.store.test_file import without_dac_override
@@ -373,6 +374,20 @@ async def wait_healthy(base: str) -> None:
             await asyncio.sleep(0.05)
 
 
+@contextmanager
+def file_size_limit(pid: int, limit: int) -> Iterator[None]:
+    """RLIMIT_FSIZE on the proxy `pid` and its refresh helper: a full disk for both."""
+    pids = [pid, *children(pid)]
+    saved = [(p, resource.prlimit(p, resource.RLIMIT_FSIZE)) for p in pids]
+    for p, (_, hard) in saved:
+        resource.prlimit(p, resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        for p, limits in saved:
+            resource.prlimit(p, resource.RLIMIT_FSIZE, limits)
+
+
 def temp_files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
 
@@ -395,12 +410,8 @@ async def refresh_fails_with_store_error(
 async def test_disk_full_during_a_token_write(sandbox: RunningSandbox, tmp_path: Path) -> None:
     async with proxy_process(sandbox, tmp_path) as (child, base, config):
         assert (await get(f"{base}/v1/introspect"))[0] == 200
-        soft, hard = resource.prlimit(child.pid, resource.RLIMIT_FSIZE)
-        resource.prlimit(child.pid, resource.RLIMIT_FSIZE, (64, hard))
-        try:
+        with file_size_limit(child.pid, 64):
             await refresh_fails_with_store_error(sandbox, base, config)
-        finally:
-            resource.prlimit(child.pid, resource.RLIMIT_FSIZE, (soft, hard))
         await assert_refresh_token_still_works(sandbox, base)
 
 

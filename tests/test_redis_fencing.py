@@ -1,8 +1,9 @@
 """Sidecars on one Redis when one of them misbehaves: real `pleo-proxy run` processes, a real
 redis-server, the sandbox counting refresh grants and every reuse of a spent refresh token.
 
-- the lock holder is frozen (SIGSTOP) while Pleo works on its refresh, past its lease, and
-  resumed: it overwrites nothing newer, no token is presented twice, nobody's request fails;
+- the lock holder (an instance's refresh helper, which holds the lock and calls Pleo for
+  it) is frozen (SIGSTOP) while Pleo works on its refresh, past its lease, and resumed: it
+  overwrites nothing newer, no token is presented twice, nobody's request fails;
 - one instance's writes fail (a Redis ACL takes its write permission away) after Pleo
   rotated: the others never present the spent refresh token, and all recover when it can
   write again;
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import signal
 import time
 from collections import Counter
@@ -33,6 +35,7 @@ from proxy.store.redisclient import LOCK_MARGIN
 from proxy.tokenset import StoredState
 from tests.flows import authorise_store, grant_tokens, sandbox_config
 from tests.processes import (
+    children,
     free_port,
     import_tokens,
     sandbox_process,
@@ -197,7 +200,8 @@ async def start_refresh_on(
     request = asyncio.create_task(get(f"{instance.base}/v1/introspect"))
 
     async def marked_by_it() -> bool:
-        if await lock_holder(raw, shared) != instance.process.pid:
+        # The lock is its refresh helper's (its child), which runs the exchange for it.
+        if await lock_holder(raw, shared) not in children(instance.process.pid):
             return False
         state = await shared.stored()
         return state is not None and state.refresh_started_at is not None
@@ -232,7 +236,9 @@ async def _frozen_holder(shared: Shared, meanwhile: str) -> None:
         before = await get_stats(shared.sandbox_url)
         await set_knobs(shared.sandbox_url, token_latency=PLEO_ANSWERS_AFTER)
         request, marked_at = await start_refresh_on(holder, shared, raw)
-        holder.process.send_signal(signal.SIGSTOP)  # its request is with Pleo
+        frozen = await lock_holder(raw, shared)  # its refresh helper, its request with Pleo
+        assert frozen is not None
+        os.kill(frozen, signal.SIGSTOP)
         await set_knobs(shared.sandbox_url, token_latency=0)
         traffic = Traffic([other], workers=8)
         try:
@@ -246,13 +252,15 @@ async def _frozen_holder(shared: Shared, meanwhile: str) -> None:
             resume_at = marked_at + PLEO_ANSWERS_AFTER - RESUME_BEFORE_ANSWER
             assert time.monotonic() < resume_at, "too slow to resume it before Pleo answers"
             await asyncio.sleep(resume_at - time.monotonic())
-            holder.process.send_signal(signal.SIGCONT)
+            os.kill(frozen, signal.SIGCONT)
             status, body = await asyncio.wait_for(request, 60)
             await until(
                 lambda: _settled(shared), 20, "the store holds new tokens and no refresh mark"
             )
             await asyncio.sleep(2.0)  # both keep serving the new tokens
         finally:
+            with suppress(ProcessLookupError):
+                os.kill(frozen, signal.SIGCONT)  # a stopped helper would never exit
             results = await traffic.stop()
         lock_lost = await refresh_outcomes(holder, "lock_lost")
         for instance in (holder, other):

@@ -767,6 +767,22 @@ async def test_token_latency_knob_slows_only_the_token_endpoint(
     assert time.monotonic() - started >= 0.5
 
 
+async def test_a_refresh_whose_client_left_during_the_latency_still_rotates(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    """Pleo finishes a request it received even if nobody is left to read the answer."""
+    tokens = await obtain_tokens(http, sandbox.url)
+    await set_knobs(sandbox.url, token_latency=0.5)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await refresh(http, sandbox.url, tokens["refresh_token"])
+    await asyncio.sleep(0.6)
+    await set_knobs(sandbox.url, token_latency=0)
+    status, body = await refresh(http, sandbox.url, tokens["refresh_token"])
+    assert (status, body["error"]) == (400, "invalid_grant")
+    assert (await get_stats(sandbox.url))["reuse_detected"] == 1
+
+
 @pytest.mark.parametrize(
     "knobs",
     [

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from proxy.cli import HELPER_GRACE
+from proxy.config import Timeouts
 from proxy.store.crypto import CREDENTIAL_NAME
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +108,18 @@ def test_unit_is_notify_type_with_reload() -> None:
     assert values(SERVICE, "NotifyAccess") == ["main"]
     assert values(SERVICE, "ExecReload") == ["/bin/kill -HUP $MAINPID"]
     assert values(SERVICE, "Restart") == ["on-failure"]
+
+
+def test_a_killed_main_process_leaves_its_refresh_helper_the_time_to_finish() -> None:
+    """systemd must not SIGKILL the helper when the main process dies: not `mixed`
+    (SIGKILL to the rest once the main process is gone), not `OOMPolicy=kill`."""
+    assert values(SERVICE, "KillMode") == ["control-group"]
+    assert values(SERVICE, "OOMPolicy") == ["stop"]
+    assert values(SERVICE, "SendSIGKILL") in ([], ["yes"])
+    (stop_timeout,) = values(SERVICE, "TimeoutStopSec")
+    defaults = Timeouts()
+    needed = defaults.shutdown + defaults.token_request + HELPER_GRACE
+    assert float(stop_timeout.removesuffix("s")) >= needed
 
 
 def test_credentials_are_the_names_the_code_reads() -> None:

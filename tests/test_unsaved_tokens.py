@@ -1,18 +1,18 @@
 """The disk fails after Pleo rotated: the only live tokens are kept and written later.
 
 A real proxy process; the sandbox's token endpoint is slowed so that the file-size
-limit (prlimit from outside) lands between the in-progress mark and the final write.
+limit (prlimit from outside, on the proxy and its refresh helper) lands between the
+in-progress mark and the final write.
 """
 
 from __future__ import annotations
 
 import asyncio
-import resource
 from pathlib import Path
 
 from proxy.store.file import FileStore
 from tests.sandboxes import RunningSandbox, get_stats, sandbox, set_knobs
-from tests.test_faults import get, proxy_process
+from tests.test_faults import file_size_limit, get, proxy_process
 
 __all__ = ["sandbox"]
 
@@ -28,9 +28,7 @@ async def test_tokens_refreshed_while_the_disk_is_full_are_not_lost(
         await set_knobs(sandbox.url, api_401_once=True, latency=2.0)
         request = asyncio.create_task(get(f"{base}/v1/introspect"))
         await asyncio.sleep(3.0)
-        soft, hard = resource.prlimit(child.pid, resource.RLIMIT_FSIZE)
-        resource.prlimit(child.pid, resource.RLIMIT_FSIZE, (64, hard))
-        try:
+        with file_size_limit(child.pid, 64):
             status, body = await request
             assert (status, body["error"]) == (503, "store_error")
             assert (await get_stats(sandbox.url))["refresh_grants"] == before["refresh_grants"] + 1
@@ -38,8 +36,6 @@ async def test_tokens_refreshed_while_the_disk_is_full_are_not_lost(
             await set_knobs(sandbox.url, latency=0)
             status, body = await get(f"{base}/v1/introspect")
             assert (status, body["error"]) == (503, "store_error")
-        finally:
-            resource.prlimit(child.pid, resource.RLIMIT_FSIZE, (soft, hard))
         status, _ = await get(f"{base}/v1/introspect")
         assert status == 200
         stats = await get_stats(sandbox.url)

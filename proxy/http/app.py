@@ -32,6 +32,7 @@ from proxy.http.keys import (
     CREDENTIALS_KEY,
     EVENTS_KEY,
     FIXED_CONNECTION_KEY,
+    REFRESH_HELPER_KEY,
     REGISTRY_KEY,
     TOKENS_KEY,
     UPSTREAM_SESSION_KEY,
@@ -40,6 +41,7 @@ from proxy.http.limits import server_limits
 from proxy.http.probes import connection_probe_routes, probe_routes
 from proxy.http.upstream import UPSTREAM_GATE_KEY, UpstreamGate, upstream_session_ctx
 from proxy.lifecycle.credentials import ApiKeySource, CredentialSource
+from proxy.lifecycle.exchange import Exchanger
 from proxy.lifecycle.manager import TokenState
 from proxy.lifecycle.registry import Registry, StateHook
 from proxy.names import DEFAULT_CONNECTION
@@ -153,29 +155,41 @@ def _on_state(sink: EventSink) -> StateHook:
 
 
 async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
-    """OAuth mode: open the stores, start every connection's manager, close them at the end."""
+    """OAuth mode: open the stores, start every connection's manager, close them at the end.
+
+    With `REFRESH_HELPER_KEY` set, token exchanges run in the refresh helper process; it is
+    closed last, after the managers (whose refreshes in flight it may still be running).
+    """
     config = app[CONFIG_KEY]
-    stores = open_stores(config)
+    exchanger = Exchanger(config) if app.get(REFRESH_HELPER_KEY, False) else None
     try:
-        registry = Registry(
-            config,
-            stores,
-            app[UPSTREAM_SESSION_KEY],
-            clock=app[CLOCK_KEY],
-            counters=app[METRICS_KEY],
-            on_state=_on_state(app[EVENTS_KEY]),
-        )
-        await registry.start()
-        app[REGISTRY_KEY] = registry
-        default = registry.get(DEFAULT_CONNECTION)
-        if default is not None:
-            app[TOKENS_KEY] = default
+        stores = open_stores(config)
         try:
-            yield
+            registry = Registry(
+                config,
+                stores,
+                app[UPSTREAM_SESSION_KEY],
+                clock=app[CLOCK_KEY],
+                counters=app[METRICS_KEY],
+                on_state=_on_state(app[EVENTS_KEY]),
+                exchanger=exchanger,
+            )
+            await registry.start()
+            if exchanger is not None:
+                exchanger.start_soon()  # once the store is known good: no helper for a failed start
+            app[REGISTRY_KEY] = registry
+            default = registry.get(DEFAULT_CONNECTION)
+            if default is not None:
+                app[TOKENS_KEY] = default
+            try:
+                yield
+            finally:
+                await registry.close()
         finally:
-            await registry.close()
+            await stores.close()
     finally:
-        await stores.close()
+        if exchanger is not None:
+            await exchanger.close()
 
 
 def _install_credentials(app: web.Application, credentials: CredentialSource | None) -> None:
@@ -197,8 +211,13 @@ def build_app(
     *,
     credentials: CredentialSource | None = None,
     clock: Callable[[], float] = time.time,
+    refresh_helper: bool = False,
 ) -> web.Application:
-    """The proxy as an aiohttp application; `credentials` overrides the config's mode."""
+    """The proxy as an aiohttp application; `credentials` overrides the config's mode.
+
+    `refresh_helper` runs token exchanges in a helper process that outlives this one
+    (proxy/lifecycle/exchange.py); `serve()` sets it.
+    """
     live = LiveSettings(config)
     # Guard first: a refused request must not reach anything, error handling included
     # (the in-flight gauge only counts, so it may wrap the guard).
@@ -208,6 +227,7 @@ def build_app(
     app[CONFIG_KEY] = config
     app[LIVE_KEY] = live
     app[CLOCK_KEY] = clock
+    app[REFRESH_HELPER_KEY] = refresh_helper
     app[REFUSALS_KEY] = collections.Counter()
     app[METRICS_KEY] = _metrics(app)
     # One table for every listener (listener_app shares it): limits are per connection.

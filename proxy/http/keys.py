@@ -25,3 +25,5 @@ FIXED_CONNECTION_KEY = web.AppKey("fixed_connection", str)
 EVENTS_KEY = web.AppKey("events", EventSink)
 # Requests refused by the guard (and by a client key's connection limit), by reason.
 REFUSALS_KEY = web.AppKey("guard_refusals", collections.Counter[str])
+# Token exchanges run in the refresh helper process (see proxy/lifecycle/exchange.py).
+REFRESH_HELPER_KEY = web.AppKey("refresh_helper", bool)

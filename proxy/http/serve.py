@@ -194,7 +194,8 @@ async def serve(
     stop = stop if stop is not None else asyncio.Event()
     tls = certificates_for(config.listen.tls_cert, config.listen.tls_key)
     sockets, others, keys_required = _bind_all(config, reuse_port=reuse_port)
-    app = build_app(config, credentials=credentials)
+    # A refresh Pleo answered must be persisted even if this process is killed meanwhile.
+    app = build_app(config, credentials=credentials, refresh_helper=True)
     app[LIVE_KEY].keys_required = keys_required
     ssl_context = None
     if tls is not None:

@@ -30,6 +30,7 @@ from proxy.errors import (
 )
 from proxy.lifecycle import entries
 from proxy.lifecycle.background import keep_fresh
+from proxy.lifecycle.exchange import Exchanger, RemoteSequence
 from proxy.lifecycle.limiter import TokenLimiter
 from proxy.lifecycle.refresh import GrantEnded, NothingToRefresh, Refreshed, RefreshSequence
 from proxy.lifecycle.rules import (
@@ -71,15 +72,20 @@ class TokenManager:
         events: TokenEvents | None = None,
         name: str = DEFAULT_CONNECTION,
         limiter: TokenLimiter | None = None,
+        exchanger: Exchanger | None = None,
     ) -> None:
+        """`exchanger`: refresh through that helper process (persisted even if we die)."""
         self.name = name
         self._config = config
         self._events = events if events is not None else TokenEvents()
         self._store = store
         self._clock = clock
-        self._sequence = RefreshSequence(
+        here = RefreshSequence(
             config, store, session, clock=clock, events=self._events, limiter=limiter
         )
+        self._sequence: RefreshSequence | RemoteSequence = here
+        if exchanger is not None:
+            self._sequence = RemoteSequence(here, exchanger, name=name, events=self._events)
         self._listeners: list[StateListener] = []
         self._state = TokenState.UNAUTHORISED
         self._stored: StoredState | None = None

@@ -39,7 +39,10 @@ from proxy.lifecycle.rules import (
     INTERRUPTED_REASON,
     RefreshRequest,
     TokenEvents,
+    Wanted,
     bearer,
+    same_digest,
+    token_digest,
     with_scopes,
 )
 from proxy.secret import Secret
@@ -122,6 +125,10 @@ class RefreshSequence:
     async def run(self, request: RefreshRequest, mine: TokenSet | None) -> Refreshed:
         """Refresh unless the store already holds what `request` wants. Raises OAuthError,
         StoreError (FencedOut, LockTimeout), NothingToRefresh or GrantEnded."""
+        return await self.run_wanted(Wanted.of(request, mine))
+
+    async def run_wanted(self, wanted: Wanted) -> Refreshed:
+        """`run` for a request whose tokens are named by digest (a refresh helper's way)."""
         lock_timeout = self.config.timeouts.token_request + 10
         waiting_since = time.monotonic()
         async with self._store.lock(lock_timeout):
@@ -131,14 +138,15 @@ class RefreshSequence:
             flushed = await self.flush_pending(stored)
             if flushed is not None:
                 stored = flushed
-                mine = flushed.tokens
+                mine = token_digest(flushed.tokens.access_token) if flushed.tokens else None
+                wanted = replace(wanted, mine=mine)
             tokens, refresh_token = _refreshable(stored)
             assert stored is not None  # noqa: S101 - _refreshable raised otherwise
-            if self._store_makes_refresh_unneeded(tokens, request, mine):
+            if self._store_makes_refresh_unneeded(tokens, wanted):
                 return Refreshed(stored, tokens, by_us=False, flushed=flushed is not None)
             if stored.refresh_started_at is not None:
                 await self._leave_mark_to_its_holder(stored)
-            return await self._refresh_at_pleo(stored, tokens, refresh_token, request.urgent)
+            return await self._refresh_at_pleo(stored, tokens, refresh_token, wanted.urgent)
 
     async def flush_pending(self, stored: StoredState | None) -> StoredState | None:
         """Write what an earlier attempt could not, if `stored` (just read, under the lock)
@@ -186,16 +194,14 @@ class RefreshSequence:
             )
         raise GrantEnded(await self._end_interrupted(stored))
 
-    def _store_makes_refresh_unneeded(
-        self, stored: TokenSet, request: RefreshRequest, mine: TokenSet | None
-    ) -> bool:
+    def _store_makes_refresh_unneeded(self, stored: TokenSet, wanted: Wanted) -> bool:
         """True when the store already holds what this refresh was meant to produce."""
-        if request.rejected is not None:
-            return bearer(stored) != request.rejected
-        newer = mine is None or mine.access_token != stored.access_token
-        if request.force and not newer:
+        if wanted.rejected is not None:
+            return not same_digest(wanted.rejected, bearer(stored))
+        newer = wanted.mine is None or not same_digest(wanted.mine, stored.access_token)
+        if wanted.force and not newer:
             return False
-        return stored.is_valid(self._clock(), for_at_least=request.fresh_for)
+        return stored.is_valid(self._clock(), for_at_least=wanted.fresh_for)
 
     async def _refresh_at_pleo(
         self, stored: StoredState, tokens: TokenSet, refresh_token: Secret, urgent: bool

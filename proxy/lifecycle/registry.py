@@ -24,6 +24,7 @@ import aiohttp
 
 from proxy.config import Config
 from proxy.errors import StoreError, UnknownConnection
+from proxy.lifecycle.exchange import Exchanger
 from proxy.lifecycle.limiter import TokenLimiter
 from proxy.lifecycle.manager import TokenManager
 from proxy.lifecycle.rules import TokenEvents, TokenState, refresh_due, state_of
@@ -100,8 +101,11 @@ class Registry:
         clock: Callable[[], float] = time.time,
         counters: TokenEvents | None = None,
         on_state: StateHook | None = None,
+        exchanger: Exchanger | None = None,
     ) -> None:
+        """`exchanger`: the refresh helper every connection's refreshes go through."""
         self._config = config
+        self._exchanger = exchanger
         self._stores = stores
         self._session = session
         self._clock = clock
@@ -265,6 +269,7 @@ class Registry:
             events=ConnectionEvents(name, self._counters, self._on_state),
             name=name,
             limiter=self.limiter,
+            exchanger=self._exchanger,
         )
         # The scheduler refreshes in the background; the watch loop brings in changes.
         await manager.start(background=False, verify=False, poll_store=configured)

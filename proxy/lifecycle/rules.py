@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import hmac
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -174,3 +175,39 @@ def status_body(
     if twins:
         body["same_subject_as"] = list(twins)
     return body
+
+
+def token_digest(secret: Secret) -> str:
+    """SHA-256 hex of a token or header: names it in a refresh request without carrying it."""
+    return hashlib.sha256(secret.reveal().encode()).hexdigest()
+
+
+def same_digest(digest: str, secret: Secret) -> bool:
+    """Whether `digest` is `secret`'s (constant time: one side may come from a client)."""
+    return hmac.compare_digest(digest, token_digest(secret))
+
+
+@dataclasses.dataclass(frozen=True)
+class Wanted:
+    """A `RefreshRequest` as the check after the lock needs it, naming tokens by digest only.
+
+    `rejected`: the digest of the header Pleo answered 401 to; `mine`: the digest of the
+    access token the asking process holds (None when it holds none). This is all a refresh
+    helper in another process is told: no token travels with a request.
+    """
+
+    rejected: str | None = None
+    mine: str | None = None
+    fresh_for: float = 0.0
+    force: bool = False
+    urgent: bool = True
+
+    @classmethod
+    def of(cls, request: RefreshRequest, mine: TokenSet | None) -> Wanted:
+        return cls(
+            rejected=token_digest(request.rejected) if request.rejected is not None else None,
+            mine=token_digest(mine.access_token) if mine is not None else None,
+            fresh_for=request.fresh_for,
+            force=request.force,
+            urgent=request.urgent,
+        )

@@ -5,11 +5,14 @@ SO_REUSEPORT, the kernel spreading connections); they share tokens through the s
 lock, as separate proxies do. The supervisor starts workers one at a time, each once
 the previous one listens (so a start-up failure is reported once, by the first worker),
 forwards SIGTERM/SIGINT/SIGHUP, speaks sd_notify for the group, and exits when the
-workers have exited. It restarts none. Must not build an app or touch the store.
+workers have exited, and after them their refresh helpers: it is their subreaper, so a
+killed worker's helper finishes its exchange before the group (or, as PID 1, the
+container) ends. It restarts none. Must not build an app or touch the store.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import select
 import signal
@@ -27,6 +30,9 @@ READY_LINE = b"ready\n"
 START_TIMEOUT = 60.0
 POLL_SECONDS = 0.1
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+# How long the helpers of exited workers are waited for when `supervise` is not told.
+DEFAULT_LINGER = 25.0
 # Service-manager variables belong to the supervisor: workers must not answer systemd.
 PARENT_ONLY_VARIABLES = (
     "NOTIFY_SOCKET",
@@ -48,17 +54,34 @@ def announce_ready() -> None:
         pass  # the supervisor has gone; the worker serves on regardless
 
 
-class Supervisor:
-    """Runs `count` workers of `worker_args` and relays signals to them."""
+def become_subreaper() -> bool:
+    """Adopt orphaned descendants (a killed worker's refresh helper), so they can be waited
+    for. Linux only; PID 1 of a PID namespace (a container) adopts them anyway."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
 
-    def __init__(self, worker_args: Sequence[str], count: int) -> None:
+
+class Supervisor:
+    """Runs `count` workers of `worker_args` and relays signals to them.
+
+    `linger`: how long, once the workers have exited, their helpers are waited for.
+    """
+
+    def __init__(
+        self, worker_args: Sequence[str], count: int, *, linger: float = DEFAULT_LINGER
+    ) -> None:
         self._args = list(worker_args)
         self._count = count
+        self._linger = linger
         self._workers: list[subprocess.Popen[bytes]] = []
         self._stopping = False
 
     def run(self) -> int:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in FORWARDED_SIGNALS}
+        become_subreaper()
         try:
             if not self._start_all():
                 self._signal_all(signal.SIGTERM)
@@ -67,6 +90,7 @@ class Supervisor:
             sdnotify.notify("READY=1")
             return self._watch()
         finally:
+            self._wait_orphans()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
@@ -142,10 +166,27 @@ class Supervisor:
     def _wait_all(self) -> list[int]:
         return [worker.wait() for worker in self._workers]
 
+    def _wait_orphans(self) -> None:
+        """Reap what the workers left (refresh helpers finishing an exchange) for up to
+        `linger` seconds. Exiting first would, as a container's PID 1, kill them."""
+        deadline = time.monotonic() + self._linger
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return  # none left
+            if pid == 0:
+                if time.monotonic() >= deadline:
+                    print("error: a refresh helper is still running; exiting", file=sys.stderr)
+                    return
+                time.sleep(POLL_SECONDS)
 
-def supervise(config_path: Path, count: int, *, log_format: str | None) -> int:
+
+def supervise(
+    config_path: Path, count: int, *, log_format: str | None, linger: float = DEFAULT_LINGER
+) -> int:
     """Run `count` workers for `config_path`; the exit code for `pleo-proxy run`."""
     args = [sys.executable, "-m", "proxy", "run", "--config", str(config_path), "--worker"]
     if log_format is not None:
         args += ["--log-format", log_format]
-    return Supervisor(args, count).run()
+    return Supervisor(args, count, linger=linger).run()

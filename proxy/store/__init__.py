@@ -8,6 +8,7 @@ Neither decides when to refresh, nor validates names (proxy/names.py does).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
@@ -86,15 +87,19 @@ class ConnectionStores(Protocol):
         """Release the shared resources. Idempotent."""
 
 
-def open_stores(config: Config) -> ConnectionStores:
-    """Every connection's store, on the backend the configuration names."""
+def open_stores(config: Config, *, environ: Mapping[str, str] | None = None) -> ConnectionStores:
+    """Every connection's store, on the backend the configuration names.
+
+    `environ` is where the key is looked up (PLEO_PROXY_KEY, CREDENTIALS_DIRECTORY), by
+    default this process's environment; the refresh helper passes what its proxy sent.
+    """
     if config.tokens.store == "redis":
         from proxy.store.redis import RedisStores
 
-        return RedisStores.from_config(config)
+        return RedisStores.from_config(config, environ=environ)
     from proxy.store.files import FileStores
 
-    return FileStores.from_config(config)
+    return FileStores.from_config(config, environ=environ)
 
 
 def open_store(config: Config) -> TokenStore:

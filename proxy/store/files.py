@@ -71,8 +71,8 @@ class FileStores:
         self._backend = FileBackend(key, key_file=key_file, environ=environ)
 
     @classmethod
-    def from_config(cls, config: Config) -> FileStores:
-        return cls(config.tokens.path, key_file=config.tokens.key_file)
+    def from_config(cls, config: Config, *, environ: Mapping[str, str] | None = None) -> FileStores:
+        return cls(config.tokens.path, key_file=config.tokens.key_file, environ=environ)
 
     def path(self, name: str) -> Path:
         """Where connection `name`'s sealed state lives (ValueError for an invalid name)."""

@@ -298,8 +298,11 @@ class RedisStores:
         self._marker_key = f"{prefix}{MARKER}"
 
     @classmethod
-    def from_config(cls, config: Config) -> RedisStores:
-        return cls(RedisBackend.from_config(config), prefix=config_prefix(config))
+    def from_config(
+        cls, config: Config, *, environ: Mapping[str, str] | None = None
+    ) -> RedisStores:
+        backend = RedisBackend.from_config(config, environ=environ)
+        return cls(backend, prefix=config_prefix(config))
 
     def store(self, name: str) -> RedisStore:
         self._check_open()

@@ -98,10 +98,13 @@ class RedisBackend:
         self.client = self._connect(url, timeout)
 
     @classmethod
-    def from_config(cls, config: Config) -> RedisBackend:
+    def from_config(
+        cls, config: Config, *, environ: Mapping[str, str] | None = None
+    ) -> RedisBackend:
         return cls(
             redis_url(config),
             key_file=config.tokens.key_file,
+            environ=environ,
             lock_ttl=config.timeouts.token_request + LOCK_MARGIN,
             timeout=config.timeouts.connect,
         )

@@ -1,0 +1,393 @@
+"""The proxy's side of the refresh helper (proxy/lifecycle/exchanger.py).
+
+`Exchanger` starts one helper for the whole process, detached: its own session (a SIGKILL
+of the proxy, or of the proxy's process group, does not reach it), no descriptor but its
+end of a socketpair, and a minimal environment; the client secret and the key source go
+over the socket. `RemoteSequence` is a connection's refresh sequence run by the helper, so
+that a refresh Pleo answers is persisted even if this process dies first. When no helper
+can start, the sequence runs in this process, as it always did. Must not lock the store,
+call Pleo, or log a secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from proxy.config import Config
+from proxy.errors import TransientOAuthError
+from proxy.lifecycle import wire
+from proxy.lifecycle.refresh import Pending, Refreshed, RefreshSequence
+from proxy.lifecycle.rules import RefreshRequest, TokenEvents, Wanted
+from proxy.ops.logs import LEVELS, JsonFormatter
+from proxy.store.crypto import ENV_KEY
+from proxy.tokenset import StoredState, TokenSet
+
+log = logging.getLogger("proxy.tokens")
+
+HELPER_MODULE = "proxy.lifecycle.exchanger"
+START_TIMEOUT = 30.0  # a Python start and a few imports; generous for a loaded machine
+# After a failed start, refresh in this process for this long before trying again.
+RESTART_PAUSE = 30.0
+# An answer comes within the lock wait plus one token request plus two writes; past
+# this (a hung helper) the refresh counts as failed and the manager's loop retries.
+ANSWER_MARGIN = 30.0
+# All the helper gets of the environment: how to run Python, the locale, TLS trust. Other
+# variables may hold secrets (`${ENV}` in the config); what it needs comes over the socket.
+INHERITED_VARIABLES = frozenset(
+    {"PATH", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "LANG", "LC_ALL"}
+    | {"LC_CTYPE", "TZ", "LD_LIBRARY_PATH", "SSL_CERT_FILE", "SSL_CERT_DIR"}
+)
+KEY_VARIABLES = (ENV_KEY, "CREDENTIALS_DIRECTORY")  # where the store key is looked up
+
+
+class HelperUnavailable(Exception):
+    """No helper could be started: refresh in this process."""
+
+
+class HelperLost(Exception):
+    """The helper stopped (or hung) before it answered: the refresh's outcome is unknown."""
+
+
+def helper_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    return {name: value for name, value in environ.items() if name in INHERITED_VARIABLES}
+
+
+def log_settings() -> tuple[str, str]:
+    """This process's log level and format, for the helper to log the same way."""
+    root = logging.getLogger()
+    level = logging.getLevelName(root.getEffectiveLevel()).lower()
+    json_lines = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+    return (level if level in LEVELS else "info"), ("json" if json_lines else "text")
+
+
+class _Link:
+    """One running helper: its process, this side of the socket, the requests in flight."""
+
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.process = process
+        self._reader = reader
+        self._writer = writer
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[wire.Answer]] = {}
+        self._listener: asyncio.Task[None] | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._listener is not None and not self._listener.done()
+
+    async def hello(self, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
+        """The helper's first frame ("ready", or why not); then answers are listened for."""
+        frame = await asyncio.wait_for(wire.receive(self._reader), timeout)
+        if frame is None:
+            return {"ready": False, "error": "it exited"}
+        if frame.get("ready") is True:
+            self._listener = asyncio.create_task(self._listen(), name="refresh-helper-answers")
+        return frame
+
+    async def ask(self, request: wire.Request, *, timeout: float) -> wire.Answer:  # noqa: ASYNC109
+        future = asyncio.get_running_loop().create_future()
+        self._pending[request.id] = future
+        try:
+            await wire.send(self._writer, wire.request_doc(request))
+            return await asyncio.wait_for(future, timeout)
+        except ConnectionError:
+            raise HelperLost("the refresh helper has stopped") from None
+        except TimeoutError:
+            raise HelperLost(f"the refresh helper did not answer within {timeout:g}s") from None
+        finally:
+            self._pending.pop(request.id, None)
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def post(self, doc: dict[str, Any]) -> None:
+        """A frame that needs no answer."""
+        with contextlib.suppress(ConnectionError):
+            wire.post(self._writer, doc)
+
+    async def _listen(self) -> None:
+        try:
+            while (frame := await wire.receive(self._reader)) is not None:
+                answer = wire.parse_answer(frame)
+                future = self._pending.get(answer.id)
+                if future is not None and not future.done():
+                    future.set_result(answer)
+        except (wire.WireError, ConnectionError) as exc:
+            log.error("the refresh helper's answers are unreadable: %s", exc)
+        finally:
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(HelperLost("the refresh helper stopped during a refresh"))
+
+    async def close(self, *, wait: float) -> None:
+        """Close our end (the helper then finishes and exits) and wait up to `wait` for it."""
+        self._writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self._writer.wait_closed()
+        try:
+            await asyncio.to_thread(self.process.wait, wait)
+        except subprocess.TimeoutExpired:
+            log.warning("the refresh helper (pid %d) is still finishing", self.process.pid)
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+
+
+class Exchanger:
+    """The one refresh helper of this process: started once, again if it died."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        environ: Mapping[str, str] | None = None,
+        command: Sequence[str] | None = None,
+    ) -> None:
+        """`environ`: where the helper's few variables and the key source come from (this
+        process's environment by default); `command`: the helper's command line before its
+        descriptor number (`python -m proxy.lifecycle.exchanger` by default)."""
+        self._config = config
+        self._environ = os.environ if environ is None else environ
+        self._command = (
+            list(command) if command is not None else [sys.executable, "-m", HELPER_MODULE]
+        )
+        self._link: _Link | None = None
+        self._starting: asyncio.Future[_Link] | None = None
+        self._retry_at = float("-inf")
+        self._ended: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def pid(self) -> int | None:
+        """The running helper's process id (None while there is none)."""
+        link = self._link
+        return link.process.pid if link is not None and link.alive else None
+
+    def start_soon(self) -> None:
+        """Start the helper in the background (the first refresh waits for it)."""
+        self._starting = asyncio.ensure_future(self._spawn())
+        self._starting.add_done_callback(_retrieved)
+
+    async def ready(self) -> bool:
+        """Wait until the helper runs; False when it cannot start (refreshes then run here)."""
+        try:
+            await self._running()
+        except HelperUnavailable:
+            return False
+        return True
+
+    def discard(self, name: str) -> None:
+        """Tell the helper to drop what it keeps for `name` (a logout); none running: none."""
+        if self._link is not None and self._link.alive:
+            self._link.post(wire.discard_doc(name))
+
+    async def refresh(self, name: str, wanted: Wanted, *, token_request: float) -> wire.Answer:
+        """The helper's answer to one refresh; HelperUnavailable or HelperLost otherwise."""
+        link = await self._running()
+        request = wire.Request(link.next_id(), name, wanted, token_request)
+        timeout = 2 * token_request + 10 + ANSWER_MARGIN  # lock wait + token request + writes
+        return await link.ask(request, timeout=timeout)
+
+    async def close(self) -> None:
+        """Close our end; the helper finishes what holds a lock, and exits."""
+        self._closed = True
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()  # its clean-up closes the socket and reaps the helper
+            await asyncio.gather(self._starting, return_exceptions=True)
+        wait = self._config.timeouts.token_request + 10
+        if self._link is not None:
+            await self._link.close(wait=wait)
+            self._link = None
+        await asyncio.gather(*self._ended, return_exceptions=True)
+
+    async def _running(self) -> _Link:
+        if self._closed:
+            raise HelperUnavailable("the proxy is shutting down")
+        if self._link is not None:
+            if self._link.alive:
+                return self._link
+            self._bury(self._link)
+            self._link, self._starting = None, None
+        if self._starting is None:
+            if time.monotonic() < self._retry_at:
+                raise HelperUnavailable("the refresh helper could not start a moment ago")
+            self._starting = asyncio.ensure_future(self._spawn())
+            self._starting.add_done_callback(_retrieved)
+        starting = self._starting
+        try:
+            link = await asyncio.shield(starting)
+        except Exception as exc:
+            if self._starting is starting:  # the first to see it: report once, pause
+                self._starting = None
+                self._retry_at = time.monotonic() + RESTART_PAUSE
+                log.error("the refresh helper could not start (%s); refreshing here", exc)
+            raise HelperUnavailable(str(exc)) from None
+        self._link = link
+        return link
+
+    def _bury(self, link: _Link) -> None:
+        """Reap a helper that stopped (in the background)."""
+        task = asyncio.create_task(link.close(wait=self._config.timeouts.token_request + 10))
+        self._ended.add(task)
+        task.add_done_callback(self._ended.discard)
+
+    async def _spawn(self) -> _Link:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                # subprocess, not the event loop's own: uvloop's spawn leaves descriptors
+                # of its own (dups of /dev/null and stdio, a pipe) open in the child. A
+                # fork and exec takes milliseconds, once per helper.
+                process = self._popen(theirs.fileno())
+            finally:
+                theirs.close()
+            reader, writer = await asyncio.open_unix_connection(sock=ours)
+        except BaseException:
+            ours.close()
+            raise
+        link = _Link(process, reader, writer)
+        try:
+            await wire.send(writer, wire.settings_doc(self._settings()))
+            hello = await link.hello(START_TIMEOUT)
+        except BaseException:
+            await link.close(wait=5.0)
+            raise
+        if hello.get("ready") is not True:
+            await link.close(wait=5.0)
+            raise HelperLost(f"the refresh helper did not start: {hello.get('error')}")
+        return link
+
+    def _popen(self, fd: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [*self._command, str(fd)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            env=helper_environment(self._environ),
+            # Only its end of the socket (and stderr, for its log lines).
+            close_fds=True,
+            pass_fds=(fd,),
+            # Its own session: signals for the proxy's process group or terminal (a SIGKILL
+            # of the group, Ctrl-C) do not end an exchange in flight.
+            start_new_session=True,
+        )
+
+    def _settings(self) -> wire.Settings:
+        key_environ = {
+            name: self._environ[name] for name in KEY_VARIABLES if self._environ.get(name)
+        }
+        proxy, auth = _environment_proxy(self._config.pleo.token_url)
+        level, fmt = log_settings()
+        return wire.Settings(
+            self._config,
+            key_environ,
+            proxy_url=str(proxy) if proxy is not None else None,
+            proxy_login=auth.login if auth is not None else None,
+            proxy_password=auth.password if auth is not None else None,
+            log_level=level,
+            log_format=fmt,
+        )
+
+
+def _environment_proxy(url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+    """HTTPS_PROXY/HTTP_PROXY for `url` unless NO_PROXY excludes it (as the proxy's session)."""
+    try:
+        return aiohttp.helpers.get_env_proxy_for_url(URL(url))
+    except LookupError:
+        return None, None
+
+
+def _retrieved(future: asyncio.Future[_Link]) -> None:
+    if not future.cancelled():
+        future.exception()  # a failed background start is reported when it is awaited
+
+
+class RemoteSequence:
+    """A connection's refresh sequence, run by the helper (here when none can start)."""
+
+    def __init__(
+        self,
+        local: RefreshSequence,
+        exchanger: Exchanger,
+        *,
+        name: str,
+        events: TokenEvents,
+    ) -> None:
+        self._local = local
+        self._exchanger = exchanger
+        self._name = name
+        self._events = events
+        self._kept: Pending | None = None  # what the helper keeps for this connection
+        self.recorded: StoredState | None = None
+
+    @property
+    def config(self) -> Config:
+        return self._local.config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self._local.config = config
+
+    @property
+    def pending(self) -> Pending | None:
+        """What waits to be written since Pleo answered: in the helper, or here."""
+        return self._kept if self._kept is not None else self._local.pending
+
+    @pending.setter
+    def pending(self, pending: Pending | None) -> None:
+        # Cleared by a logout or a deletion: the helper must drop its copy as well.
+        if pending is None:
+            self._exchanger.discard(self._name)
+        self._kept = None
+        self._local.pending = pending
+
+    @property
+    def unsaved(self) -> StoredState | None:
+        """New tokens not yet in the store (they are written before anything else)."""
+        pending = self.pending
+        return pending.state if pending is not None and pending.fresh else None
+
+    async def run(self, request: RefreshRequest, mine: TokenSet | None) -> Refreshed:
+        """As `RefreshSequence.run`; TransientOAuthError when the helper stopped meanwhile."""
+        wanted = Wanted.of(request, mine)
+        token_request = self.config.timeouts.token_request
+        try:
+            answer = await self._exchanger.refresh(self._name, wanted, token_request=token_request)
+        except HelperUnavailable:
+            return await self._run_here(request, mine)
+        except HelperLost as exc:
+            # Pleo may have rotated: the next attempt re-reads the store under the lock,
+            # and a refused token there ends as "a refresh was interrupted".
+            raise TransientOAuthError(str(exc)) from None
+        wire.replay(answer.events, self._events)
+        self._kept = answer.pending
+        self.recorded = answer.recorded
+        try:
+            return answer.outcome()
+        except wire.WireError as exc:
+            raise TransientOAuthError(
+                f"the refresh helper's answer is unreadable ({exc})"
+            ) from None
+
+    async def _run_here(self, request: RefreshRequest, mine: TokenSet | None) -> Refreshed:
+        try:
+            return await self._local.run(request, mine)
+        finally:
+            self.recorded, self._local.recorded = self._local.recorded, None
