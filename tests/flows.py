@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import Counter
 from dataclasses import replace
@@ -107,3 +108,27 @@ async def traffic_through_proxies(
     finally:
         for proc in procs:
             stop(proc)
+
+
+async def traffic_to_connections(
+    ports: list[int], names: list[str], until: float, *, clients: int
+) -> Counter[str]:
+    """`clients` clients GET /v1/introspect for random connections (by header) on random
+    ports until `until`; the answers counted by status (or exception kind)."""
+    results: Counter[str] = Counter()
+
+    async def client(seed: int) -> None:
+        rng = random.Random(seed)
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < until:
+                url = f"http://127.0.0.1:{rng.choice(ports)}/v1/introspect"
+                headers = {"X-Pleo-Connection": rng.choice(names)}
+                try:
+                    async with session.get(url, headers=headers) as resp:
+                        await resp.read()
+                        results[str(resp.status)] += 1
+                except aiohttp.ClientError as exc:
+                    results[type(exc).__name__] += 1
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return results

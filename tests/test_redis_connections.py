@@ -8,16 +8,13 @@ import asyncio
 import base64
 import json
 import os
-import random
 import time
-from collections import Counter
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from proxy.store.crypto import generate_key
-from tests.flows import grant_tokens, sandbox_config
+from tests.flows import grant_tokens, sandbox_config, traffic_to_connections
 from tests.processes import (
     cli,
     free_port,
@@ -71,26 +68,6 @@ async def _import(sandbox_url: str, tmp_path: Path, config_file: Path, names: li
     assert code == 0, err
 
 
-async def _traffic(ports: list[int], names: list[str], until: float) -> Counter[str]:
-    results: Counter[str] = Counter()
-
-    async def client(seed: int) -> None:
-        rng = random.Random(seed)
-        async with aiohttp.ClientSession() as session:
-            while time.monotonic() < until:
-                port, name = rng.choice(ports), rng.choice(names)
-                url = f"http://127.0.0.1:{port}/v1/introspect"
-                try:
-                    async with session.get(url, headers={"X-Pleo-Connection": name}) as resp:
-                        await resp.read()
-                        results[str(resp.status)] += 1
-                except aiohttp.ClientError as exc:
-                    results[type(exc).__name__] += 1
-
-    await asyncio.gather(*(client(i) for i in range(CLIENTS)))
-    return results
-
-
 @pytest.mark.timeout(SECONDS + 120)
 async def test_two_proxies_share_fifty_connections_through_redis(
     tmp_path: Path,
@@ -108,7 +85,9 @@ async def test_two_proxies_share_fifty_connections_through_redis(
         try:
             for port in ports:
                 await asyncio.to_thread(wait_for, f"http://127.0.0.1:{port}/_proxy/healthz")
-            results = await _traffic(ports, names, time.monotonic() + SECONDS)
+            results = await traffic_to_connections(
+                ports, names, time.monotonic() + SECONDS, clients=CLIENTS
+            )
         finally:
             for proc in procs:
                 stop(proc)

@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import time
-from collections import Counter
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from tests.flows import traffic_to_connections
 from tests.processes import (
     cli,
     free_port,
@@ -45,26 +44,6 @@ async def _mint(sandbox_url: str) -> list[dict[str, object]]:
         assert resp.status == 200
         grants: list[dict[str, object]] = (await resp.json())["grants"]
         return grants
-
-
-async def _traffic(port: int, names: list[str], until: float) -> Counter[str]:
-    results: Counter[str] = Counter()
-    url = f"http://127.0.0.1:{port}/v1/introspect"
-
-    async def client(seed: int) -> None:
-        rng = random.Random(seed)
-        async with aiohttp.ClientSession() as session:
-            while time.monotonic() < until:
-                name = rng.choice(names)
-                try:
-                    async with session.get(url, headers={"X-Pleo-Connection": name}) as resp:
-                        await resp.read()
-                        results[str(resp.status)] += 1
-                except aiohttp.ClientError as exc:
-                    results[type(exc).__name__] += 1
-
-    await asyncio.gather(*(client(i) for i in range(CLIENTS)))
-    return results
 
 
 @pytest.mark.timeout(SECONDS + 240)
@@ -103,7 +82,9 @@ async def test_two_thousand_connections_expiring_under_traffic(tmp_path: Path) -
             await asyncio.to_thread(wait_for, f"http://127.0.0.1:{port}/_proxy/healthz")
             assert (await get_stats(sandbox_url))["token_requests"] == 0, "start-up called Pleo"
             started = time.monotonic()
-            results = await _traffic(port, names, started + SECONDS)
+            results = await traffic_to_connections(
+                [port], names, started + SECONDS, clients=CLIENTS
+            )
             elapsed = time.monotonic() - started
         finally:
             stop(proc)
