@@ -8,15 +8,28 @@ what is due (`next_refresh_at`) and how a refresh runs.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 from proxy.lifecycle.rules import BACKGROUND_TICK, BACKOFF_CAP
 
-if TYPE_CHECKING:
-    from proxy.lifecycle.manager import TokenManager
+
+class Refreshable(Protocol):
+    """What the loop needs of a token manager (which imports this module)."""
+
+    poll_store: bool
+
+    @property
+    def clock(self) -> Callable[[], float]: ...
+
+    def next_refresh_at(self, now: float, *, jitter: bool = False) -> float | None: ...
+
+    async def reread_if_due(self) -> None: ...
+
+    async def refresh_in_background(self, *, jitter: bool = False) -> bool: ...
 
 
-async def keep_fresh(manager: TokenManager) -> None:
+async def keep_fresh(manager: Refreshable) -> None:
     """Run until cancelled: proactive and keep-alive refreshes of `manager`'s tokens."""
     while True:
         now = manager.clock()
