@@ -88,7 +88,10 @@ class UpstreamGate:
             yield
             return
         try:
-            async with asyncio.timeout(self._queue_timeout):
+            if self._free.locked():  # only a request that must wait pays for a timer
+                async with asyncio.timeout(self._queue_timeout):
+                    await self._free.acquire()
+            else:
                 await self._free.acquire()
         except TimeoutError:
             raise UpstreamBusy(
