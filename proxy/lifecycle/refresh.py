@@ -218,22 +218,12 @@ class RefreshSequence:
             reason = INTERRUPTED_REASON if interrupted else exc.detail
             raise GrantEnded(await self._end_grant(marked, reason)) from None
         except ClientRejected as exc:
-            self._events.refreshed("client_rejected")
-            log.warning(
-                "refresh failed: Pleo rejected the client (%s)",
-                exc.detail,
-                extra={"fields": {"event": "refresh", "outcome": "client_rejected"}},
+            await self._failed(
+                marked, "client_rejected", f"Pleo rejected the client ({exc.detail})"
             )
-            await self._save_outcome(marked, "client_rejected")
             raise
         except OAuthError as exc:
-            self._events.refreshed("transient")
-            log.warning(
-                "refresh failed, will retry: %s",
-                exc.detail,
-                extra={"fields": {"event": "refresh", "outcome": "transient"}},
-            )
-            await self._save_outcome(marked, "transient")
+            await self._failed(marked, "transient", f"{exc.detail}; will retry")
             raise
         fresh = self._fresh_state(marked, tokens, new_tokens)
         await self._persist(fresh, marked)
@@ -299,6 +289,14 @@ class RefreshSequence:
             if isinstance(exc, FencedOut):
                 self._events.refreshed("lock_lost")
             raise
+
+    async def _failed(self, marked: StoredState, outcome: str, why: str) -> None:
+        """Count, log and record an attempt Pleo did not answer with tokens."""
+        self._events.refreshed(outcome)
+        log.warning(
+            "refresh failed: %s", why, extra={"fields": {"event": "refresh", "outcome": outcome}}
+        )
+        await self._save_outcome(marked, outcome)
 
     async def _save_outcome(self, marked: StoredState, outcome: str) -> None:
         """Record a failed attempt and clear the in-progress mark."""
