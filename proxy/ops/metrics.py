@@ -137,6 +137,16 @@ class _ConnectionsCollector(Collector):
         yield events
 
 
+def fixed_words_counter(
+    registry: CollectorRegistry, name: str, doc: str, label: str, words: Iterable[str]
+) -> Counter:
+    """A counter with one label whose every value is known, each exposed from the start."""
+    counter = Counter(name, doc, [label], registry=registry)
+    for word in words:
+        counter.labels(word)
+    return counter
+
+
 class Metrics(TokenEvents):
     """The application's metrics; also the token manager's event hook."""
 
@@ -169,53 +179,48 @@ class Metrics(TokenEvents):
         self.bytes_out = Counter(
             "pleo_proxy_response_body_bytes", "Response body bytes sent", registry=registry
         )
-        self.replays = Counter(
+        self.replays = fixed_words_counter(
+            registry,
             "pleo_proxy_replays",
             "Handling of a 401 from Pleo, by result",
-            ["result"],
-            registry=registry,
+            "result",
+            REPLAY_RESULTS,
         )
-        for result in REPLAY_RESULTS:
-            self.replays.labels(result)
         self._define_fairness()
 
     def _define_fairness(self) -> None:
         registry = self.registry
-        self.limited = Counter(
+        self.limited = fixed_words_counter(
+            registry,
             "pleo_proxy_rate_limited",
             "Requests refused by limits.per_connection, by reason (never by connection)",
-            ["reason"],
-            registry=registry,
+            "reason",
+            RATE_LIMIT_REASONS,
         )
-        for reason in RATE_LIMIT_REASONS:
-            self.limited.labels(reason)
-        self.retries = Counter(
+        self.retries = fixed_words_counter(
+            registry,
             "pleo_proxy_upstream_retries",
             "Upstream attempts repeated (upstream.retries), by what the previous one met",
-            ["reason"],
-            registry=registry,
+            "reason",
+            RETRY_REASONS,
         )
-        for reason in RETRY_REASONS:
-            self.retries.labels(reason)
-        self.retry_stops = Counter(
+        self.retry_stops = fixed_words_counter(
+            registry,
             "pleo_proxy_upstream_retries_given_up",
             "Retryable failures passed on without another attempt, by reason",
-            ["reason"],
-            registry=registry,
+            "reason",
+            RETRY_STOPS,
         )
-        for reason in RETRY_STOPS:
-            self.retry_stops.labels(reason)
 
     def _define_tokens(self) -> None:
         registry = self.registry
-        self.refreshes = Counter(
+        self.refreshes = fixed_words_counter(
+            registry,
             "pleo_proxy_token_refreshes",
             "Refresh attempts by outcome (adopted: another process had refreshed)",
-            ["outcome"],
-            registry=registry,
+            "outcome",
+            REFRESH_OUTCOMES,
         )
-        for outcome in REFRESH_OUTCOMES:
-            self.refreshes.labels(outcome)
         self.lock_wait = Histogram(
             "pleo_proxy_refresh_lock_wait_seconds",
             "Time spent waiting for the token store's refresh lock",
