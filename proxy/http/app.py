@@ -1,31 +1,30 @@
 """Assembly of the aiohttp applications: routes, middlewares, long-lived resources.
 
 Owns the route tables (the main listener's reserved `/_proxy/*` paths and catch-all
-forwarder; a connection's own port; the pages listener), the middleware order
-(in-flight gauge → guard → JSON errors) and the `cleanup_ctx` resources (upstream
-session, events, the registry of connections, the authoriser). Must not forward,
+forwarder; a connection's own port; the pages listener), their one middleware
+(proxy.http.front) and the `cleanup_ctx` resources (upstream session, events, the
+registry of connections, the authoriser). Must not forward,
 refresh or listen itself (proxy.http.serve listens).
 """
 
 from __future__ import annotations
 
 import collections
-import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
 
 from proxy.config import Config
 from proxy.connect.routes import authorise_routes, authoriser_ctx
-from proxy.errors import ProxyError
 from proxy.http.access_log import AccessLogger, access_logger, send_request_id
 from proxy.http.body import defer_continue
 from proxy.http.connections_api import connections_api_routes
 from proxy.http.fairness import FAIRNESS_KEY, Fairness
 from proxy.http.forward import forward
-from proxy.http.guard import REFUSALS_KEY, guard_middleware
+from proxy.http.front import front_middleware
+from proxy.http.guard import REFUSALS_KEY
 from proxy.http.keys import (
     CLOCK_KEY,
     CONFIG_KEY,
@@ -46,13 +45,9 @@ from proxy.lifecycle.manager import TokenState
 from proxy.lifecycle.registry import Registry, StateHook
 from proxy.names import DEFAULT_CONNECTION
 from proxy.ops.events import EventSink, EventsSettings
-from proxy.ops.metrics import METRICS_KEY, Metrics, in_flight_middleware
+from proxy.ops.metrics import METRICS_KEY, Metrics
 from proxy.ops.reload import LIVE_KEY, LiveSettings
 from proxy.store import open_stores
-
-log = logging.getLogger(__name__)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 async def reserved_not_found(request: web.Request) -> web.Response:
@@ -99,36 +94,6 @@ def connection_routes() -> list[web.RouteDef]:
 def pages_routes() -> list[web.RouteDef]:
     """The pages listener: the authorise page and the callback only (never forwarding)."""
     return [*authorise_routes(), web.route("*", "/{tail:.*}", reserved_not_found)]
-
-
-def _error_slug(reason: str) -> str:
-    return reason.strip().lower().replace(" ", "_").replace("-", "_")
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """ProxyError → its status and body; HTTPException → JSON; anything else → 500."""
-    try:
-        return await handler(request)
-    except ProxyError as err:
-        response = web.json_response(err.body(), status=err.status, headers=err.headers())
-        if request.body_exists and not request.content.at_eof():
-            # Refused before the body was read (no such connection, not allowed): close
-            # rather than let aiohttp read and drop the rest of it.
-            response.force_close()
-        return response
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise  # redirects and the like are answers, not errors
-        body = {"error": _error_slug(exc.reason), "detail": exc.reason}
-        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-        return web.json_response(body, status=exc.status, headers=headers)
-    except Exception:
-        # The exception text may name internals; the client learns only that it failed.
-        log.exception("unhandled error while handling %s %s", request.method, request.path)
-        return web.json_response(
-            {"error": "internal_error", "detail": "internal error"}, status=500
-        )
 
 
 def events_settings(config: Config) -> EventsSettings:
@@ -219,17 +184,15 @@ def build_app(
     (proxy/lifecycle/exchange.py); `serve()` sets it.
     """
     live = LiveSettings(config)
-    # Guard first: a refused request must not reach anything, error handling included
-    # (the in-flight gauge only counts, so it may wrap the guard).
-    app = web.Application(
-        middlewares=[in_flight_middleware, guard_middleware(lambda: live.policy), json_errors]
-    )
+    refusals: collections.Counter[str] = collections.Counter()
+    metrics = Metrics()
+    app = web.Application(middlewares=[front_middleware(lambda: live.policy, metrics)])
     app[CONFIG_KEY] = config
     app[LIVE_KEY] = live
     app[CLOCK_KEY] = clock
     app[REFRESH_HELPER_KEY] = refresh_helper
-    app[REFUSALS_KEY] = collections.Counter()
-    app[METRICS_KEY] = _metrics(app)
+    app[REFUSALS_KEY] = refusals
+    app[METRICS_KEY] = _watch(app, metrics)
     # One table for every listener (listener_app shares it): limits are per connection.
     app[UPSTREAM_GATE_KEY] = UpstreamGate(
         config.upstream.max_connections, config.upstream.queue_timeout
@@ -251,8 +214,10 @@ def listener_app(main: web.Application, *, connection: str | None = None) -> web
     live = main[LIVE_KEY]
     # The pages listener serves browsers only (the authorise page and the callback),
     # which cannot send a client key; its own protections are the setup code and state.
-    guard = guard_middleware(lambda: live.policy, client_keys=connection is not None)
-    app = web.Application(middlewares=[in_flight_middleware, guard, json_errors])
+    front = front_middleware(
+        lambda: live.policy, main[METRICS_KEY], client_keys=connection is not None
+    )
+    app = web.Application(middlewares=[front])
     for key in main:
         app[key] = main[key]  # the same objects: one registry, session and metrics
     app.on_response_prepare.append(send_request_id)
@@ -264,8 +229,8 @@ def listener_app(main: web.Application, *, connection: str | None = None) -> web
     return app
 
 
-def _metrics(app: web.Application) -> Metrics:
-    metrics = Metrics()
+def _watch(app: web.Application, metrics: Metrics) -> Metrics:
+    """`metrics` made to read the app's refusals, connection states and token expiry."""
     metrics.count_refusals(app[REFUSALS_KEY])
 
     def connection_states() -> collections.Counter[str]:

@@ -68,9 +68,6 @@ class Fairness:
     @contextmanager
     def slot(self, name: str) -> Iterator[None]:
         """Admit one request of connection `name` and hold its slot while the block runs."""
-        if self.limits.unlimited:
-            yield
-            return
         self.admit(name)
         try:
             yield
@@ -79,6 +76,8 @@ class Fairness:
 
     def admit(self, name: str) -> None:
         """Take a slot and a token for `name`, or raise RateLimited and take nothing."""
+        if self.limits.unlimited:
+            return
         now = self._clock()
         entry = self._entry(name, now)
         limits = self.limits
@@ -98,6 +97,8 @@ class Fairness:
 
     def release(self, name: str) -> None:
         """The request admitted for `name` is done; an entry left idle is dropped now."""
+        if self.limits.unlimited:
+            return
         entry = self._entries.get(name)
         if entry is None:  # cannot happen: entries with requests in flight are kept
             return

@@ -11,6 +11,7 @@ Must not parse OAuth responses, refresh tokens, decompress, or read bodies whole
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -65,6 +66,10 @@ HOP_BY_HOP_HEADERS = frozenset(
 REPLACED_REQUEST_HEADERS = frozenset(
     {"host", "authorization", "expect", "x-pleo-connection", "x-proxy-key"}
 )
+HOP_BY_HOP_RAW = frozenset(name.encode() for name in HOP_BY_HOP_HEADERS)
+NOT_FORWARDED_RAW = HOP_BY_HOP_RAW | frozenset(name.encode() for name in REPLACED_REQUEST_HEADERS)
+# `Connection: close` / `keep-alive` name no other header to drop.
+PLAIN_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive", b""})
 
 
 @dataclass(frozen=True)
@@ -121,52 +126,72 @@ def _upstream_error(exc: BaseException) -> UpstreamError:
 
 def upstream_url(api_url: str, raw_path: str) -> URL:
     """`api_url` + the raw target, byte-exact: no normalisation, no re-quoting."""
-    base = URL(api_url)
     url = URL(api_url.rstrip("/") + raw_path, encoded=True)
-    if url.origin() != base.origin():
+    if url.origin() != _origin(api_url):
         # Cannot happen for origin-form targets (the guard admits only those); a
         # cheap belt to the guard's braces so no request ever leaves for another host.
         raise UpstreamUnreachable("the request target does not map onto the Pleo API")
     return url
 
 
+@functools.lru_cache(maxsize=8)
+def _origin(api_url: str) -> URL:
+    return URL(api_url).origin()
+
+
 def strip_hop_by_hop(
-    raw_headers: Iterable[tuple[bytes, bytes]], *, drop: frozenset[str] = frozenset()
+    raw_headers: Iterable[tuple[bytes, bytes]], *, excluded: frozenset[bytes] = HOP_BY_HOP_RAW
 ) -> CIMultiDict[str]:
-    """Headers without hop-by-hop fields, those named in `Connection`, and `drop`.
+    """Headers without the lower-case names in `excluded` and those named in `Connection`.
 
     Built from the raw pairs so names keep the case they were sent in (aiohttp's
-    parsed headers use its own canonical case for well-known names).
+    parsed headers use its own canonical case for well-known names); matched as bytes,
+    and only the kept pairs decoded, the way aiohttp decodes parsed headers.
     """
-    pairs = [(_text(k), _text(v)) for k, v in raw_headers]
-    named = {
-        token.strip().lower()
-        for name, value in pairs
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
-    excluded = HOP_BY_HOP_HEADERS | named | drop
-    return CIMultiDict((k, v) for k, v in pairs if k.lower() not in excluded)
-
-
-def _text(raw: bytes) -> str:
-    # The same decoding aiohttp applies to parsed headers.
-    return raw.decode("utf-8", "surrogateescape")
+    kept: list[tuple[bytes, bytes]] = []
+    named: set[bytes] = set()
+    for name, value in raw_headers:
+        lower = name.lower()
+        if lower in excluded:
+            if lower == b"connection":
+                named.update(token.strip() for token in value.lower().split(b","))
+            continue
+        kept.append((name, value))
+    named -= PLAIN_CONNECTION_TOKENS
+    if named:
+        kept = [(name, value) for name, value in kept if name.lower() not in named]
+    return CIMultiDict(
+        [(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+         for name, value in kept]
+    )  # fmt: skip
 
 
 def _outbound(request: web.Request, config: Config, body: Body, raw_path: str) -> Outbound:
-    headers = strip_hop_by_hop(request.raw_headers, drop=REPLACED_REQUEST_HEADERS)
+    headers = strip_hop_by_hop(request.raw_headers, excluded=NOT_FORWARDED_RAW)
     # Pleo sees the id our log line carries: the client's when sane, else ours.
     headers[REQUEST_ID_HEADER] = request_id(request)
     if body.replayable:
         # A kept body is sent with its exact length (also when it came chunked).
         headers.popall("Content-Length", None)
     url = upstream_url(config.pleo.api_url, raw_path)
+    retry = RetryPlan.for_request(config.upstream, request.method, replayable=body.replayable)
+    return Outbound(request.method, url, headers, body, _timeout_of(config), retry)
+
+
+_timeouts: dict[int, tuple[Config, aiohttp.ClientTimeout]] = {}
+
+
+def _timeout_of(config: Config) -> aiohttp.ClientTimeout:
+    """One per live config (a reload makes a new one), not one per request."""
+    known = _timeouts.get(id(config))
+    if known is not None and known[0] is config:
+        return known[1]
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=config.timeouts.connect, sock_read=config.timeouts.read
     )
-    retry = RetryPlan.for_request(config.upstream, request.method, replayable=body.replayable)
-    return Outbound(request.method, url, headers, body, timeout, retry)
+    _timeouts.clear()  # the previous config is gone: keep the one in use only
+    _timeouts[id(config)] = (config, timeout)
+    return timeout
 
 
 @dataclass(frozen=True)
@@ -191,6 +216,8 @@ async def _send(
     session: aiohttp.ClientSession, outbound: Outbound, authorization: Secret, observe: _Observer
 ) -> aiohttp.ClientResponse:
     """One exchange with Pleo: a single attempt, or more where `upstream.retries` allows."""
+    if not outbound.retry.retries:
+        return await _send_once(session, outbound, authorization, observe)
     return await send_with_retries(
         lambda: _send_once(session, outbound, authorization, observe),
         outbound.retry,
@@ -201,7 +228,9 @@ async def _send(
 async def _send_once(
     session: aiohttp.ClientSession, outbound: Outbound, authorization: Secret, observe: _Observer
 ) -> aiohttp.ClientResponse:
-    headers = CIMultiDict(outbound.headers)
+    # Set, not copied: a replay or retry of this request overwrites it with its own, and
+    # the client request copies the headers it is given.
+    headers = outbound.headers
     headers["Authorization"] = authorization.reveal()  # leaves the process here, to Pleo
     started = time.monotonic()
     try:
@@ -276,9 +305,14 @@ async def forward(request: web.Request) -> web.StreamResponse:
     # Before the body is read: a request for no known connection is refused unread, and
     # so is one over its connection's limits (429, its slot held until the answer ends).
     credentials, raw_path = await credentials_for(request)
-    with request.config_dict[FAIRNESS_KEY].slot(connection_name(credentials)):
-        async with request.config_dict[UPSTREAM_GATE_KEY].slot():
+    fairness = request.config_dict[FAIRNESS_KEY]
+    name = connection_name(credentials)
+    fairness.admit(name)
+    try:
+        async with request.config_dict[UPSTREAM_GATE_KEY]:
             return await _forward(request, credentials, raw_path)
+    finally:
+        fairness.release(name)
 
 
 async def _forward(

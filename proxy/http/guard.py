@@ -1,19 +1,17 @@
-"""The guard: which requests may reach the token at all, and the middleware enforcing it.
+"""The guard: which requests may reach the token at all, and the refusal answering the rest.
 
 Owns the Host allow-list (DNS-rebinding defence), the cross-site rule (`Origin`,
 `Sec-Fetch-Site`), origin-form targets only and no CONNECT (never an open proxy), and
-client keys (matched by proxy.http.client_keys). `admit()` is pure; the middleware only
-gathers a `RequestView` and answers refusals. Must not know about tokens, the upstream,
-or config parsing.
+client keys (matched by proxy.http.client_keys). `admit()` is pure; `refuse()` only
+gathers a `RequestView` and answers refusals (proxy.http.front calls it first). Must
+not know about tokens, the upstream, or config parsing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 from yarl import URL
 
 from proxy.config import Config
@@ -34,8 +32,6 @@ RESERVED_PREFIX = "/_proxy/"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CROSS_SITE_FETCH = frozenset({"cross-site", "same-site"})
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
@@ -253,30 +249,22 @@ def _secrets(request: web.Request, name: str) -> tuple[Secret, ...]:
     return tuple(Secret(value) for value in request.headers.getall(name, ()))
 
 
-def guard_middleware(
-    policy: Policy | Callable[[], Policy], *, client_keys: bool = True
-) -> Middleware:
-    """The middleware: refuse with JSON and count the refusal, else hand on.
+def refuse(
+    request: web.Request, policy: Policy, *, client_keys: bool = True
+) -> web.Response | None:
+    """The refusal to answer `request` with (counted), or None to let it through.
 
-    `policy` may be a function returning the current policy: a config reload swaps it.
     `client_keys=False` for the pages listener, which browsers use (they send no key).
     """
-    current = policy if callable(policy) else (lambda: policy)
-
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        verdict = admit(view_of(request), current(), keys=client_keys)
-        if not isinstance(verdict, Refusal):
-            if verdict is not None:
-                request[SCOPE_KEY] = verdict  # checked once the connection is known
-            return await handler(request)
-        refusal = verdict
-        request.config_dict[REFUSALS_KEY][refusal.code] += 1
-        response = web.json_response(
-            refusal.body(), status=refusal.status, headers=dict(refusal.headers)
-        )
-        # The client may have sent a body we never read: do not keep the connection.
-        response.force_close()
-        return response
-
-    return guard
+    verdict = admit(view_of(request), policy, keys=client_keys)
+    if not isinstance(verdict, Refusal):
+        if verdict is not None:
+            request[SCOPE_KEY] = verdict  # checked once the connection is known
+        return None
+    request.config_dict[REFUSALS_KEY][verdict.code] += 1
+    response = web.json_response(
+        verdict.body(), status=verdict.status, headers=dict(verdict.headers)
+    )
+    # The client may have sent a body we never read: do not keep the connection.
+    response.force_close()
+    return response

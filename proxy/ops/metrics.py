@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -290,13 +290,3 @@ def metrics_of(request: web.BaseRequest) -> Metrics | None:
     if not isinstance(request, web.Request):
         return None
     return request.config_dict.get(METRICS_KEY)
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def in_flight_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count the request as in flight while any middleware or handler works on it."""
-    with request.config_dict[METRICS_KEY].in_flight.track_inprogress():
-        return await handler(request)
