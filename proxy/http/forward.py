@@ -33,10 +33,9 @@ from proxy.errors import (
 from proxy.http.access_log import REQUEST_ID_HEADER, add_upstream_time, request_id
 from proxy.http.body import Body, read_body
 from proxy.http.fairness import FAIRNESS_KEY
-from proxy.http.keys import UPSTREAM_SESSION_KEY
 from proxy.http.retries import RetryPlan, send_with_retries
 from proxy.http.select import connection_name, credentials_for
-from proxy.http.upstream import UPSTREAM_GATE_KEY
+from proxy.http.upstream import UPSTREAM_GATE_KEY, UPSTREAM_SENDER_KEY, Reply, Sender
 from proxy.lifecycle.credentials import CredentialSource
 from proxy.ops.metrics import metrics_of
 from proxy.ops.reload import current_config
@@ -213,21 +212,21 @@ class _Observer:
 
 
 async def _send(
-    session: aiohttp.ClientSession, outbound: Outbound, authorization: Secret, observe: _Observer
-) -> aiohttp.ClientResponse:
+    sender: Sender, outbound: Outbound, authorization: Secret, observe: _Observer
+) -> Reply:
     """One exchange with Pleo: a single attempt, or more where `upstream.retries` allows."""
     if not outbound.retry.retries:
-        return await _send_once(session, outbound, authorization, observe)
+        return await _send_once(sender, outbound, authorization, observe)
     return await send_with_retries(
-        lambda: _send_once(session, outbound, authorization, observe),
+        lambda: _send_once(sender, outbound, authorization, observe),
         outbound.retry,
         events=metrics_of(observe.request),
     )
 
 
 async def _send_once(
-    session: aiohttp.ClientSession, outbound: Outbound, authorization: Secret, observe: _Observer
-) -> aiohttp.ClientResponse:
+    sender: Sender, outbound: Outbound, authorization: Secret, observe: _Observer
+) -> Reply:
     # Set, not copied: a replay or retry of this request overwrites it with its own, and
     # the client request copies the headers it is given.
     headers = outbound.headers
@@ -235,27 +234,22 @@ async def _send_once(
     started = time.monotonic()
     try:
         with map_client_errors():
-            return await session.request(
-                outbound.method,
-                outbound.url,
-                headers=headers,
-                data=outbound.body.payload(),
-                allow_redirects=False,
-                timeout=outbound.timeout,
+            return await sender.send(
+                outbound.method, outbound.url, headers, outbound.body, outbound.timeout
             )
     finally:
         observe.upstream(time.monotonic() - started)
 
 
 async def _exchange(
-    session: aiohttp.ClientSession,
+    sender: Sender,
     credentials: CredentialSource,
     outbound: Outbound,
     observe: _Observer,
-) -> tuple[aiohttp.ClientResponse, dict[str, str]]:
+) -> tuple[Reply, dict[str, str]]:
     """Send once; after a 401, replay once if the body was kept and a new credential exists."""
     sent = await credentials.authorization(replayable=outbound.body.replayable)
-    first = await _send(session, outbound, sent, observe)
+    first = await _send(sender, outbound, sent, observe)
     if first.status != 401:
         return first, {}
     if not outbound.body.replayable:
@@ -271,13 +265,13 @@ async def _exchange(
         return first, {}
     first.close()  # the rejected answer is dropped; its connection is not worth draining
     # A 401 to the replay goes back as it is: the token owner has had its one chance.
-    replayed = await _send(session, outbound, fresh, observe)
+    replayed = await _send(sender, outbound, fresh, observe)
     observe.replay("rejected" if replayed.status == 401 else "ok")
     return replayed, {}
 
 
 async def _relay_response(
-    request: web.Request, upstream: aiohttp.ClientResponse, extra: dict[str, str]
+    request: web.Request, upstream: Reply, extra: dict[str, str]
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     # Content-Length and Content-Encoding pass through as they are; the response
@@ -319,13 +313,13 @@ async def _forward(
     request: web.Request, credentials: CredentialSource, raw_path: str
 ) -> web.StreamResponse:
     config = current_config(request.app)
-    session = request.config_dict[UPSTREAM_SESSION_KEY]
+    sender = request.config_dict[UPSTREAM_SENDER_KEY]
     try:
         body = await read_body(
             request, config.refresh.replay_body_limit, stall_after=config.timeouts.read
         )
         outbound = _outbound(request, config, body, raw_path)
-        upstream, extra = await _exchange(session, credentials, outbound, _Observer(request))
+        upstream, extra = await _exchange(sender, credentials, outbound, _Observer(request))
     except ClientBodyTimeout as err:
         # The unread rest of the body makes the connection unusable: answer and close
         # now (aiohttp would otherwise linger, reading, for up to 10 s).

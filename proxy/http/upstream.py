@@ -1,7 +1,11 @@
-"""The one upstream `ClientSession`: raw bytes both ways, no cookies, no headers of its own.
+"""The upstream side: the one `ClientSession`, the forwarder's sender, and the gate.
 
-Owns the pool's bounds, the trust store (plus `pleo.ca_file`) and the environment proxy
-for the API host, read once. Must not retry, decompress, or read `~/.netrc`.
+The session (token calls, webhooks, and forwarding through an environment proxy) sends
+raw bytes both ways, no cookies, no headers of its own. Forwarding without an
+environment proxy uses the lean pool (proxy.http.pool); both are a `Sender`. Owns the
+bound on connections in use (`UpstreamGate`), the trust store (plus `pleo.ca_file`) and
+the environment proxy for the API host, read once. Must not retry, decompress, or read
+`~/.netrc`.
 """
 
 from __future__ import annotations
@@ -11,16 +15,19 @@ import collections
 import contextlib
 import ssl
 from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.config import Config
 from proxy.errors import UpstreamBusy
+from proxy.http.body import Body
 from proxy.http.keys import CONFIG_KEY, UPSTREAM_SESSION_KEY
+from proxy.http.pool import UPSTREAM_KEEPALIVE_SECONDS, UpstreamPool
 
-UPSTREAM_KEEPALIVE_SECONDS = 30.0
 # The client adds none of its own: the upstream sees what our client sent.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept-Encoding", "Content-Type")
 
@@ -68,10 +75,76 @@ def upstream_session(config: Config) -> aiohttp.ClientSession:
     )
 
 
+class Reply(Protocol):
+    """An answer as the forwarder reads it: aiohttp's ClientResponse or the pool's Answer."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+    @property
+    def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]: ...
+    @property
+    def content(self) -> aiohttp.StreamReader: ...
+    def release(self) -> Any: ...
+    def close(self) -> None: ...
+
+
+class Sender(Protocol):
+    """One exchange with Pleo: send the request, return once the answer's head is in."""
+
+    async def send(
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: Body,
+        timeouts: aiohttp.ClientTimeout,
+    ) -> Reply: ...
+
+
+class SessionSender:
+    """Through the environment proxy (HTTPS_PROXY/HTTP_PROXY), which aiohttp's full
+    client tunnels; without one, forwarding uses the lean pool (proxy.http.pool)."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+
+    async def send(
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: Body,
+        timeouts: aiohttp.ClientTimeout,
+    ) -> aiohttp.ClientResponse:
+        return await self._session.request(
+            method,
+            url,
+            headers=headers,
+            data=body.payload(),
+            allow_redirects=False,
+            timeout=timeouts,
+        )
+
+
 async def upstream_session_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with upstream_session(app[CONFIG_KEY]) as session:
+    """The session (token calls, webhooks, the proxied path) and the forwarder's sender."""
+    config = app[CONFIG_KEY]
+    async with upstream_session(config) as session:
         app[UPSTREAM_SESSION_KEY] = session
-        yield
+        if environment_proxy(config.pleo.api_url)[0] is not None:
+            app[UPSTREAM_SENDER_KEY] = SessionSender(session)
+            yield
+            return
+        pool = UpstreamPool(config.pleo.api_url, upstream_ssl_context(config))
+        app[UPSTREAM_SENDER_KEY] = pool
+        try:
+            yield
+        finally:
+            await pool.close()
 
 
 class UpstreamGate:
@@ -138,3 +211,4 @@ class UpstreamGate:
 
 
 UPSTREAM_GATE_KEY = web.AppKey("upstream_gate", UpstreamGate)
+UPSTREAM_SENDER_KEY = web.AppKey("upstream_sender", Sender)
