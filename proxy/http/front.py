@@ -28,11 +28,11 @@ def front_middleware(
     policy: Callable[[], Policy], metrics: Metrics, *, client_keys: bool = True
 ) -> Middleware:
     """The middleware; `policy()` gives the current guard policy (a reload swaps it)."""
-    in_flight = metrics.in_flight
+    traffic = metrics.traffic
 
     @web.middleware
     async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
-        in_flight.inc()
+        traffic.in_flight += 1
         try:
             refusal = refuse(request, policy(), client_keys=client_keys)
             if refusal is not None:
@@ -52,7 +52,7 @@ def front_middleware(
                     {"error": "internal_error", "detail": "internal error"}, status=500
                 )
         finally:
-            in_flight.dec()
+            traffic.in_flight -= 1
 
     return front
 

@@ -105,10 +105,22 @@ class RedactingFilter(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._second_text = ""
+
+    def _timestamp(self, record: logging.LogRecord) -> str:
+        # One strftime per second, not per line: a busy proxy writes thousands a second.
+        second = int(record.created)
+        if second != self._second:
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._second_text}.{int(record.msecs):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         doc = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": self._timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -141,6 +153,12 @@ def setup_logging(level: str = "info", *, fmt: str | None = None) -> None:
     """Log to stderr: JSON lines when `fmt == "json"` or stderr is not a TTY, else text."""
     if fmt is None:
         fmt = "text" if sys.stderr.isatty() else "json"
+    # No format of ours names the caller, thread or process: not looking them up for
+    # every record (a stack walk among them) is the logging docs' own optimisation.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [log_handler(sys.stderr, fmt=fmt)]
     set_level(level)

@@ -11,14 +11,13 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     generate_latest,
 )
@@ -73,6 +72,51 @@ def method_label(method: str) -> str:
 def status_class(status: int) -> str:
     """`2xx`, `4xx`, ...; anything outside 100-599 is `other`."""
     return f"{status // 100}xx" if 100 <= status <= 599 else "other"
+
+
+@dataclass
+class Traffic:
+    """Request counts as plain numbers; one event loop updates them, scrapes read them."""
+
+    in_flight: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    # (method label, status // 100) → requests answered
+    answered: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
+
+
+class _TrafficCollector(Collector):
+    """Requests by method and status class, bytes both ways and requests in flight."""
+
+    def __init__(self, traffic: Traffic) -> None:
+        self._traffic = traffic
+
+    def collect(self) -> Iterable[Metric]:
+        traffic = self._traffic
+        requests = CounterMetricFamily(
+            "pleo_proxy_requests",
+            "Requests answered, by method and status class",
+            labels=["method", "status_class"],
+        )
+        by_label: collections.Counter[tuple[str, str]] = collections.Counter()
+        for (method, hundreds), count in list(traffic.answered.items()):
+            by_label[method, _class_of(hundreds)] += count
+        for (method, klass), count in sorted(by_label.items()):
+            requests.add_metric([method, klass], float(count))
+        yield requests
+        yield GaugeMetricFamily(
+            "pleo_proxy_in_flight_requests", "Requests being handled now", traffic.in_flight
+        )
+        yield CounterMetricFamily(
+            "pleo_proxy_request_body_bytes", "Request body bytes received", traffic.bytes_in
+        )
+        yield CounterMetricFamily(
+            "pleo_proxy_response_body_bytes", "Response body bytes sent", traffic.bytes_out
+        )
+
+
+def _class_of(hundreds: int) -> str:
+    return f"{hundreds}xx" if 1 <= hundreds <= 5 else "other"
 
 
 class _RefusalCollector(Collector):
@@ -157,27 +201,15 @@ class Metrics(TokenEvents):
 
     def _define_traffic(self) -> None:
         registry = self.registry
-        self._request_children: dict[tuple[str, str], Any] = {}
-        self.requests = Counter(
-            "pleo_proxy_requests",
-            "Requests answered, by method and status class",
-            ["method", "status_class"],
-            registry=registry,
-        )
+        # Counted in plain numbers and read at scrape time: prometheus-client takes a lock
+        # on every inc(), five of them per request (bench/profile.py).
+        self.traffic = Traffic()
+        registry.register(_TrafficCollector(self.traffic))
         self.upstream_seconds = Histogram(
             "pleo_proxy_upstream_seconds",
             "Time until the Pleo API's response headers arrived",
             buckets=LATENCY_BUCKETS,
             registry=registry,
-        )
-        self.in_flight = Gauge(
-            "pleo_proxy_in_flight_requests", "Requests being handled now", registry=registry
-        )
-        self.bytes_in = Counter(
-            "pleo_proxy_request_body_bytes", "Request body bytes received", registry=registry
-        )
-        self.bytes_out = Counter(
-            "pleo_proxy_response_body_bytes", "Response body bytes sent", registry=registry
         )
         self.replays = fixed_words_counter(
             registry,
@@ -245,14 +277,11 @@ class Metrics(TokenEvents):
     # -- observations ------------------------------------------------------------------
 
     def request_done(self, method: str, status: int, *, bytes_in: int, bytes_out: int) -> None:
-        key = (method_label(method), status_class(status))
-        child = self._request_children.get(key)
-        if child is None:
-            # Bound once per label pair: labels() takes a lock and builds a key each call.
-            child = self._request_children[key] = self.requests.labels(*key)
-        child.inc()
-        self.bytes_in.inc(max(0, bytes_in))
-        self.bytes_out.inc(max(0, bytes_out))
+        traffic = self.traffic
+        key = (method if method in STANDARD_METHODS else method_label(method), status // 100)
+        traffic.answered[key] += 1
+        traffic.bytes_in += max(0, bytes_in)
+        traffic.bytes_out += max(0, bytes_out)
 
     def upstream_answered(self, seconds: float) -> None:
         self.upstream_seconds.observe(seconds)

@@ -67,7 +67,9 @@ async def served() -> AsyncIterator[tuple[TestServer, Handlers, Metrics, collect
 
 
 def gauge(metrics: Metrics) -> float:
-    return float(metrics.in_flight._value.get())
+    sample = f"pleo_proxy_in_flight_requests {float(metrics.traffic.in_flight)}"
+    assert sample.encode() in metrics.render()[0]
+    return float(metrics.traffic.in_flight)
 
 
 async def test_a_request_is_in_flight_until_its_answer_and_not_after(
