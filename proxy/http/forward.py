@@ -270,10 +270,21 @@ async def _exchange(
     return replayed, {}
 
 
+class _CompleteResponse(web.StreamResponse):
+    """Holds its head until the first body write or the end (aiohttp's web.Response does
+    the same through this class attribute; unknown to another aiohttp version, it only
+    costs the second write again)."""
+
+    _send_headers_immediately = False
+
+
 async def _relay_response(
     request: web.Request, upstream: Reply, extra: dict[str, str]
 ) -> web.StreamResponse:
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    # An answer that is already all here (most small ones) goes out in one write, head
+    # and body; one still arriving gets its head at once, as a stream must.
+    kind = _CompleteResponse if upstream.content.is_eof() else web.StreamResponse
+    response = kind(status=upstream.status, reason=upstream.reason)
     # Content-Length and Content-Encoding pass through as they are; the response
     # is never compressed by us, so the length stays true.
     response.headers.extend(strip_hop_by_hop(upstream.raw_headers))
