@@ -27,7 +27,17 @@ import pytest
 import yaml
 
 from tests.flows import grant_tokens, sandbox_config
-from tests.processes import PLEO_PROXY, free_port, http_get, sandbox_process, stop, wait_for
+from tests.processes import (
+    PLEO_PROXY,
+    free_port,
+    http_get,
+    import_tokens,
+    sandbox_process,
+    start_proxy,
+    stop,
+    wait_for,
+    write_config,
+)
 from tests.upstreams import dead_port
 
 pytestmark = pytest.mark.timeout(900)
@@ -371,3 +381,43 @@ def test_healthcheck_passes_on_healthz_and_fails_on_readyz_before_authorising(
         assert unready.stderr.endswith("answered 503\n")
     finally:
         stop(proxy)
+
+
+def test_healthcheck_presents_a_client_key_where_keys_are_configured(tmp_path: Path) -> None:
+    key = f"probe-key-{uuid.uuid4().hex}"
+    limited = f"limited-key-{uuid.uuid4().hex}"
+    key_file = tmp_path / "client.key"
+    key_file.write_text(f"{key}\n")
+    with sandbox_process() as sandbox_url:
+        port = free_port()
+        state = tmp_path / "state"
+        # The first key may use another connection only: refused on the process-wide readyz.
+        keys = [{"key": limited, "connections": ["other"]}, {"key_file": str(key_file)}]
+        config = write_config(
+            tmp_path / "config.yaml",
+            sandbox_url=sandbox_url,
+            port=port,
+            state_dir=state,
+            listen={"client_keys": keys},
+        )
+        proxy = start_proxy(config)
+        try:
+            readyz = f"http://127.0.0.1:{port}/_proxy/readyz"
+            wait_for(f"http://127.0.0.1:{port}/_proxy/healthz")  # exempt from keys
+            # What the probe sent before it presented a key, and what it got.
+            assert http_get(readyz)[0] == 401
+            unready = _healthcheck(config, {}, "/_proxy/readyz")
+            assert unready.returncode == 1
+            assert unready.stderr.endswith("answered 503\n"), "past the key: not yet authorised"
+            tokens = asyncio.run(grant_tokens(sandbox_config(sandbox_url, state), now=time.time()))
+            import_tokens(config, tokens)
+            deadline = time.monotonic() + 10
+            while (ready := _healthcheck(config, {}, "/_proxy/readyz")).returncode != 0:
+                assert time.monotonic() < deadline, ready.stderr
+                time.sleep(0.2)
+            assert http_get(readyz)[0] == 401, "still refused without a key"
+        finally:
+            stop(proxy)
+    for run in (unready, ready):
+        assert key not in run.stdout + run.stderr
+        assert limited not in run.stdout + run.stderr

@@ -376,6 +376,20 @@ async def test_expired_access_token_is_401(
     assert (status, body["type"]) == (401, "unauthorized")
 
 
+async def test_expired_tokens_are_counted_apart_from_unknown_ones(
+    sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    ahead = 0.0
+    sandbox.state.clock = lambda: time.monotonic() + ahead  # the sandbox's time, shiftable
+    tokens = await obtain_tokens(http, sandbox.url)
+    assert (await api_get(http, sandbox.url, "/v1/introspect", tokens["access_token"]))[0] == 200
+    assert (await api_get(http, sandbox.url, "/v1/introspect", "sbx_at_unknown"))[0] == 401
+    assert (await get_stats(sandbox.url))["expired_tokens"] == 0
+    ahead = tokens["expires_in"] + 1.0
+    assert (await api_get(http, sandbox.url, "/v1/introspect", tokens["access_token"]))[0] == 401
+    assert (await get_stats(sandbox.url))["expired_tokens"] == 1
+
+
 async def test_revoke_knob_ends_every_grant(
     sandbox: RunningSandbox, http: aiohttp.ClientSession
 ) -> None:

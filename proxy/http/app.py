@@ -33,12 +33,14 @@ from proxy.http.keys import (
     FIXED_CONNECTION_KEY,
     REFRESH_HELPER_KEY,
     REGISTRY_KEY,
+    STEADY_KEY,
     TOKENS_KEY,
     UPSTREAM_SESSION_KEY,
 )
 from proxy.http.limits import server_limits
 from proxy.http.probes import connection_probe_routes, probe_routes
 from proxy.http.upstream import UPSTREAM_GATE_KEY, UpstreamGate, upstream_session_ctx
+from proxy.lifecycle.clocks import steady_clock
 from proxy.lifecycle.credentials import ApiKeySource, CredentialSource
 from proxy.lifecycle.exchange import Exchanger
 from proxy.lifecycle.manager import TokenState
@@ -135,6 +137,7 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
                 stores,
                 app[UPSTREAM_SESSION_KEY],
                 clock=app[CLOCK_KEY],
+                steady=app[STEADY_KEY],
                 counters=app[METRICS_KEY],
                 on_state=_on_state(app[EVENTS_KEY]),
                 exchanger=exchanger,
@@ -176,9 +179,13 @@ def build_app(
     *,
     credentials: CredentialSource | None = None,
     clock: Callable[[], float] = time.time,
+    steady: Callable[[], float] = steady_clock,
     refresh_helper: bool = False,
 ) -> web.Application:
     """The proxy as an aiohttp application; `credentials` overrides the config's mode.
+
+    `clock` is the wall clock, `steady` the one token lifetimes are also judged on
+    (proxy/lifecycle/clocks.py); tests pass shifted ones.
 
     `refresh_helper` runs token exchanges in a helper process that outlives this one
     (proxy/lifecycle/exchange.py); `serve()` sets it.
@@ -190,6 +197,7 @@ def build_app(
     app[CONFIG_KEY] = config
     app[LIVE_KEY] = live
     app[CLOCK_KEY] = clock
+    app[STEADY_KEY] = steady
     app[REFRESH_HELPER_KEY] = refresh_helper
     app[REFUSALS_KEY] = refusals
     app[METRICS_KEY] = _watch(app, metrics)

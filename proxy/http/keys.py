@@ -16,6 +16,8 @@ from proxy.ops.events import EventSink
 
 CONFIG_KEY = web.AppKey("config", Config)
 CLOCK_KEY: web.AppKey[Callable[[], float]] = web.AppKey("clock")
+# How long things last in this process (proxy/lifecycle/clocks.py): never stepped.
+STEADY_KEY: web.AppKey[Callable[[], float]] = web.AppKey("steady")
 UPSTREAM_SESSION_KEY = web.AppKey("upstream_session", aiohttp.ClientSession)
 CREDENTIALS_KEY = web.AppKey("credentials", CredentialSource)
 TOKENS_KEY = web.AppKey("tokens", TokenManager)  # the default connection, when there is one

@@ -364,14 +364,16 @@ class RemoteSequence:
         pending = self.pending
         return pending.state if pending is not None and pending.fresh else None
 
-    async def run(self, request: RefreshRequest, mine: TokenSet | None) -> Refreshed:
+    async def run(
+        self, request: RefreshRequest, mine: TokenSet | None, *, mine_until: float | None = None
+    ) -> Refreshed:
         """As `RefreshSequence.run`; TransientOAuthError when the helper stopped meanwhile."""
-        wanted = Wanted.of(request, mine)
+        wanted = Wanted.of(request, mine, mine_until=mine_until)
         token_request = self.config.timeouts.token_request
         try:
             answer = await self._exchanger.refresh(self._name, wanted, token_request=token_request)
         except HelperUnavailable:
-            return await self._run_here(request, mine)
+            return await self._run_here(request, mine, mine_until)
         except HelperLost as exc:
             # Pleo may have rotated: the next attempt re-reads the store under the lock,
             # and a refused token there ends as "a refresh was interrupted".
@@ -386,8 +388,10 @@ class RemoteSequence:
                 f"the refresh helper's answer is unreadable ({exc})"
             ) from None
 
-    async def _run_here(self, request: RefreshRequest, mine: TokenSet | None) -> Refreshed:
+    async def _run_here(
+        self, request: RefreshRequest, mine: TokenSet | None, mine_until: float | None
+    ) -> Refreshed:
         try:
-            return await self._local.run(request, mine)
+            return await self._local.run(request, mine, mine_until=mine_until)
         finally:
             self.recorded, self._local.recorded = self._local.recorded, None

@@ -30,6 +30,7 @@ from proxy.errors import (
 )
 from proxy.lifecycle import entries
 from proxy.lifecycle.background import keep_fresh
+from proxy.lifecycle.clocks import Clock, Expiry, steady_clock
 from proxy.lifecycle.exchange import Exchanger, RemoteSequence
 from proxy.lifecycle.limiter import TokenLimiter
 from proxy.lifecycle.refresh import GrantEnded, NothingToRefresh, Refreshed, RefreshSequence
@@ -68,18 +69,23 @@ class TokenManager:
         store: TokenStore,
         session: aiohttp.ClientSession,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = time.time,
+        steady: Clock = steady_clock,
         events: TokenEvents | None = None,
         name: str = DEFAULT_CONNECTION,
         limiter: TokenLimiter | None = None,
         exchanger: Exchanger | None = None,
     ) -> None:
-        """`exchanger`: refresh through that helper process (persisted even if we die)."""
+        """`clock`: the wall clock (expiries, stored times); `steady`: how long things last
+        here (see `clocks`). `exchanger`: refresh through that helper process (persisted
+        even if we die)."""
         self.name = name
         self._config = config
         self._events = events if events is not None else TokenEvents()
         self._store = store
         self._clock = clock
+        self._steady = steady
+        self._expiry = Expiry(wall=clock, steady=steady)
         here = RefreshSequence(
             config, store, session, clock=clock, events=self._events, limiter=limiter
         )
@@ -91,7 +97,9 @@ class TokenManager:
         self._stored: StoredState | None = None
         self._inflight: asyncio.Future[TokenSet] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._last_used = 0.0
+        # Both on the steady clock: a wall clock stepped back must not make a connection
+        # look in use for an hour, nor stop the re-reads of the store for as long.
+        self._last_used = float("-inf")
         self._last_reread = float("-inf")
         self._client_rejected: str | None = None
         self._last_transient: str | None = None
@@ -154,6 +162,7 @@ class TokenManager:
     def _adopt(self, stored: StoredState | None) -> None:
         """Take `stored` as the truth (it came from the store or was just persisted)."""
         self._stored = stored
+        self._expiry.track(stored.tokens if stored is not None else None)
         state = state_of(stored)
         if state is not TokenState.AUTHORISED or self._inflight is None:
             self._set_state(state)
@@ -185,7 +194,7 @@ class TokenManager:
             await self._store.verify()
         self.poll_store = poll_store
         stored = await self._store.load()
-        self._last_reread = self._clock()
+        self._last_reread = self._steady()
         self._adopt(stored)
         # Listeners that subscribed before start saw the initial state; make sure a
         # connection that starts unauthorised is announced even if nothing changed.
@@ -217,20 +226,20 @@ class TokenManager:
     async def authorization(self, *, replayable: bool = True) -> Secret:
         self._require_started()
         now = self._clock()
-        idle = self._idle(now)
-        self._last_used = now
+        idle = self._idle()
+        self._last_used = self._steady()
         if idle and self._on_due is not None:
             self._on_due(self)  # proactive refresh applies again
         tokens = await self._usable_tokens()
         margin = refresh_margin(tokens, self._config.refresh.before_expiry)
         # A request that cannot be replayed after a 401 gets a token with room to spare.
         fresh_for = 0.0 if replayable else margin
-        if tokens.is_valid(now, for_at_least=fresh_for):
+        if self._expiry.is_valid(tokens, now, for_at_least=fresh_for):
             return bearer(tokens)
         try:
             tokens = await self._refresh(RefreshRequest(fresh_for=fresh_for))
         except TransientOAuthError:
-            if not replayable and tokens.is_valid(self._clock()):
+            if not replayable and self._expiry.is_valid(tokens, self._clock()):
                 return bearer(tokens)
             raise
         return bearer(tokens)
@@ -262,14 +271,13 @@ class TokenManager:
 
     async def reread_if_due(self) -> None:
         """Pick up tokens another instance stored (at most once a second)."""
-        now = self._clock()
-        if now - self._last_reread < REREAD_INTERVAL:
+        if self._steady() - self._last_reread < REREAD_INTERVAL:
             return
         await self.reread()
 
     async def reread(self) -> None:
         """Re-read the store now and take usable tokens found there (another process's)."""
-        self._last_reread = self._clock()
+        self._last_reread = self._steady()
         try:
             stored = await self._store.load()
         except StoreError as exc:
@@ -279,9 +287,9 @@ class TokenManager:
             self._client_rejected = None
             self._adopt(stored)
 
-    def _idle(self, now: float) -> bool:
+    def _idle(self) -> bool:
         tokens = self.tokens
-        return tokens is None or now - self._last_used > tokens.lifetime
+        return tokens is None or self._steady() - self._last_used > tokens.lifetime
 
     def _reauth_error(self) -> ReauthorizationRequired:
         reason = self._stored.reauth_reason if self._stored else None
@@ -338,7 +346,7 @@ class TokenManager:
 
     async def _refresh_once(self, request: RefreshRequest) -> TokenSet:
         try:
-            result = await self._sequence.run(request, self.tokens)
+            result = await self._sequence.run(request, self.tokens, mine_until=self._mine_until())
         except NothingToRefresh as exc:
             if exc.detail is not None:
                 raise ReauthorizationRequired(exc.detail, authorize_url=self._page_url) from None
@@ -355,9 +363,14 @@ class TokenManager:
             self._take_recorded()
             raise
         finally:
-            self._last_reread = self._clock()
+            self._last_reread = self._steady()
         self._take_result(result)
         return result.tokens
+
+    def _mine_until(self) -> float | None:
+        """Until when our tokens are valid by our own judgement, steady clock included."""
+        tokens = self.tokens
+        return None if tokens is None else self._expiry.expires_at(tokens, self._clock())
 
     def _take_recorded(self) -> None:
         """A failed attempt was recorded in the store: know it, without a state change."""
@@ -439,7 +452,7 @@ class TokenManager:
 
     async def reload(self) -> None:
         """Take whatever the store holds now, an empty or ended entry included."""
-        self._last_reread = self._clock()
+        self._last_reread = self._steady()
         self._adopt(await self._store.load())
 
     async def stored_link(self) -> Link | None:
@@ -458,8 +471,15 @@ class TokenManager:
         if self._sequence.pending is not None:
             # Retry the write (of the only live tokens, or of what clears our mark).
             return Due(now, keepalive=False)
+        tokens = self.tokens
         return refresh_due(
-            self._stored, self._config.refresh, now=now, last_used=self._last_used, jitter=jitter
+            self._stored,
+            self._config.refresh,
+            now=now,
+            # The steady time of the last use, as a reading of the clock `now` comes from.
+            last_used=now - (self._steady() - self._last_used),
+            jitter=jitter,
+            expires_at=self._expiry.expires_at(tokens, now) if tokens is not None else None,
         )
 
     async def refresh_in_background(self, *, jitter: bool = False) -> bool:
@@ -472,7 +492,7 @@ class TokenManager:
         if stored is not None and stored.tokens is not None:
             margin = refresh_margin(stored.tokens, self._config.refresh.before_expiry)
             # Due early by jitter: fresh enough to skip only if it outlives the due time.
-            fresh_for = max(margin, stored.tokens.expires_at - due.at)
+            fresh_for = max(margin, self._expiry.expires_at(stored.tokens, now) - due.at)
             request = RefreshRequest(fresh_for=fresh_for, force=due.keepalive, urgent=False)
         elif self._sequence.pending is not None:
             # Kept tokens whose entry was reported interrupted meanwhile: write them back.

@@ -122,10 +122,13 @@ class RefreshSequence:
         """Refreshed tokens not yet in the store (they are written before anything else)."""
         return self.pending.state if self.pending is not None and self.pending.fresh else None
 
-    async def run(self, request: RefreshRequest, mine: TokenSet | None) -> Refreshed:
-        """Refresh unless the store already holds what `request` wants. Raises OAuthError,
-        StoreError (FencedOut, LockTimeout), NothingToRefresh or GrantEnded."""
-        return await self.run_wanted(Wanted.of(request, mine))
+    async def run(
+        self, request: RefreshRequest, mine: TokenSet | None, *, mine_until: float | None = None
+    ) -> Refreshed:
+        """Refresh unless the store already holds what `request` wants (`mine_until`: see
+        `Wanted`). Raises OAuthError, StoreError (FencedOut, LockTimeout), NothingToRefresh
+        or GrantEnded."""
+        return await self.run_wanted(Wanted.of(request, mine, mine_until=mine_until))
 
     async def run_wanted(self, wanted: Wanted) -> Refreshed:
         """`run` for a request whose tokens are named by digest (a refresh helper's way)."""
@@ -139,7 +142,7 @@ class RefreshSequence:
             if flushed is not None:
                 stored = flushed
                 mine = token_digest(flushed.tokens.access_token) if flushed.tokens else None
-                wanted = replace(wanted, mine=mine)
+                wanted = replace(wanted, mine=mine, mine_until=None)
             tokens, refresh_token = _refreshable(stored)
             assert stored is not None  # noqa: S101 - _refreshable raised otherwise
             if self._store_makes_refresh_unneeded(tokens, wanted):
@@ -201,7 +204,13 @@ class RefreshSequence:
         newer = wanted.mine is None or not same_digest(wanted.mine, stored.access_token)
         if wanted.force and not newer:
             return False
-        return stored.is_valid(self._clock(), for_at_least=wanted.fresh_for)
+        expires_at = stored.expires_at
+        if not newer and wanted.mine_until is not None:
+            # The store holds the asker's own token: its judgement (its steady clock
+            # included) stands. On this wall clock alone, stepped back, an expired token
+            # would look fresh and be handed out again.
+            expires_at = min(expires_at, wanted.mine_until)
+        return self._clock() + wanted.fresh_for < expires_at
 
     async def _refresh_at_pleo(
         self, stored: StoredState, tokens: TokenSet, refresh_token: Secret, urgent: bool

@@ -24,6 +24,7 @@ import aiohttp
 
 from proxy.config import Config
 from proxy.errors import StoreError, UnknownConnection
+from proxy.lifecycle.clocks import Clock, steady_clock
 from proxy.lifecycle.exchange import Exchanger
 from proxy.lifecycle.limiter import TokenLimiter
 from proxy.lifecycle.manager import TokenManager
@@ -98,17 +99,20 @@ class Registry:
         stores: ConnectionStores,
         session: aiohttp.ClientSession,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = time.time,
+        steady: Clock = steady_clock,
         counters: TokenEvents | None = None,
         on_state: StateHook | None = None,
         exchanger: Exchanger | None = None,
     ) -> None:
-        """`exchanger`: the refresh helper every connection's refreshes go through."""
+        """`clock` and `steady`: the wall and steady clocks (see `clocks`); `exchanger`:
+        the refresh helper every connection's refreshes go through."""
         self._config = config
         self._exchanger = exchanger
         self._stores = stores
         self._session = session
         self._clock = clock
+        self._steady = steady
         self._counters = counters if counters is not None else TokenEvents()
         self._on_state = on_state
         self.limiter = TokenLimiter(
@@ -124,10 +128,10 @@ class Registry:
         self._loading: dict[str, asyncio.Future[TokenManager]] = {}
         self._cache = config.connections.cache
         self.scheduler = RefreshScheduler(
-            self.find, clock=clock, workers=config.refresh.max_concurrent
+            self.find, clock=clock, steady=steady, workers=config.refresh.max_concurrent
         )
         self._survey: asyncio.Task[None] | None = None
-        self._misses: dict[str, float] = {}
+        self._misses: dict[str, float] = {}  # name → when last missed, on the steady clock
         self._added: list[AddedHook] = []
         self._marker = ""
         self._background = True
@@ -217,7 +221,7 @@ class Registry:
             return None  # callers check first; a bad name must never reach a file path
         if name in self._known:
             return await self._load(name)
-        now = self._clock()
+        now = self._steady()
         if now - self._misses.get(name, float("-inf")) < MISS_INTERVAL:
             return None
         if not await self._stores.exists(name):
@@ -266,6 +270,7 @@ class Registry:
             self._stores.store(name),
             self._session,
             clock=self._clock,
+            steady=self._steady,
             events=ConnectionEvents(name, self._counters, self._on_state),
             name=name,
             limiter=self.limiter,

@@ -59,6 +59,32 @@ class TokenEvents:
         """The connection went from `previous` to `state` (`reason`: why a grant ended)."""
 
 
+def steady_deadline(tokens: TokenSet, *, wall_now: float, steady_now: float) -> float:
+    """When `tokens` expire on the steady clock, judged when they arrive in this process.
+
+    What the wall clock says is left, but never more than a whole lifetime: a wall clock
+    stepped back since they were issued cannot lengthen them. Judge once per token set
+    (later wall readings may be stepped); for tokens this process just obtained, what is
+    left is their lifetime less the time the answer took.
+    """
+    return steady_now + min(tokens.expires_at - wall_now, tokens.lifetime)
+
+
+def effective_expiry(
+    tokens: TokenSet, deadline: float | None, *, wall_now: float, steady_now: float
+) -> float:
+    """The expiry to judge `tokens` by, in wall-clock terms: the earlier of the stored one
+    and the steady `deadline` (None: not known, the stored one alone).
+
+    A wall clock stepped back cannot keep an expired token in service or a refresh late; a
+    wall clock stepped forward, or a resume after a suspend (the steady clock counts it),
+    makes tokens due at once, as they are at Pleo.
+    """
+    if deadline is None:
+        return tokens.expires_at
+    return min(tokens.expires_at, wall_now + (deadline - steady_now))
+
+
 def refresh_margin(tokens: TokenSet, before_expiry: float) -> float:
     """Seconds before expiry at which to refresh: min(before_expiry, lifetime / 2)."""
     return max(0.0, min(before_expiry, tokens.lifetime / 2))
@@ -126,13 +152,15 @@ def refresh_due(
     now: float,
     last_used: float,
     jitter: bool = False,
+    expires_at: float | None = None,
 ) -> Due | None:
     """When a connection's background refresh is due, or None while it has no grant.
 
     Keep-alive after `refresh.keepalive` in any case; proactively before expiry only for
     a connection used within the last access-token lifetime. With `jitter`, proactive
     refreshes come up to a quarter of the margin early and keep-alives up to a tenth of
-    their period early, spread by token.
+    their period early, spread by token. `expires_at`: the expiry to judge by (see
+    `effective_expiry`), the stored one by default; the spread stays keyed on the stored.
     """
     if stored is None or stored.tokens is None or stored.reauth_reason is not None:
         return None
@@ -144,7 +172,7 @@ def refresh_due(
     if now - last_used > tokens.lifetime:
         return Due(keepalive, keepalive=True)
     margin = refresh_margin(tokens, refresh.before_expiry)
-    proactive = tokens.expires_at - margin
+    proactive = (tokens.expires_at if expires_at is None else expires_at) - margin
     if jitter:
         proactive -= spread(tokens.expires_at, margin / 4)
     return Due(keepalive, True) if keepalive < proactive else Due(proactive, False)
@@ -192,8 +220,10 @@ class Wanted:
     """A `RefreshRequest` as the check after the lock needs it, naming tokens by digest only.
 
     `rejected`: the digest of the header Pleo answered 401 to; `mine`: the digest of the
-    access token the asking process holds (None when it holds none). This is all a refresh
-    helper in another process is told: no token travels with a request.
+    access token the asking process holds (None when it holds none); `mine_until`: the
+    wall-clock time until which the asker judges that token valid (`effective_expiry`,
+    its steady clock included; None: its stored expiry). This is all a refresh helper in
+    another process is told: no token travels with a request.
     """
 
     rejected: str | None = None
@@ -201,13 +231,17 @@ class Wanted:
     fresh_for: float = 0.0
     force: bool = False
     urgent: bool = True
+    mine_until: float | None = None
 
     @classmethod
-    def of(cls, request: RefreshRequest, mine: TokenSet | None) -> Wanted:
+    def of(
+        cls, request: RefreshRequest, mine: TokenSet | None, *, mine_until: float | None = None
+    ) -> Wanted:
         return cls(
             rejected=token_digest(request.rejected) if request.rejected is not None else None,
             mine=token_digest(mine.access_token) if mine is not None else None,
             fresh_for=request.fresh_for,
             force=request.force,
             urgent=request.urgent,
+            mine_until=mine_until if mine is not None else None,
         )

@@ -5,7 +5,9 @@ while in use) or keep-alive — instead of a task or timer of its own. `refresh.
 max_concurrent` workers take due entries, proactive before keep-alive, and ask the
 connection's manager to refresh; the limiter then puts requests waiting for a token
 ahead of them. Entries are replaced, not updated: a stale one is skipped when popped.
-Must not refresh by itself, read the store, or keep a connection in memory.
+Due times come in wall-clock terms and are kept on the steady clock (`clocks`), so a
+stepped wall clock moves none of them. Must not refresh by itself, read the store, or
+keep a connection in memory.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from proxy.lifecycle.clocks import Clock, steady_clock
 from proxy.lifecycle.rules import BACKOFF_CAP, Due
 
 if TYPE_CHECKING:
@@ -25,16 +28,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("proxy.tokens")
 
 Lookup = Callable[[str], Awaitable["TokenManager | None"]]
-Entry = tuple[float, int, str]  # (due, sequence, connection)
+Entry = tuple[float, int, str]  # (due on the steady clock, sequence, connection)
 MIN_GAP = 1.0  # seconds between two background refreshes of one connection, at least
+# The longest a worker sleeps before it looks at the steady clock again. The loop's
+# timers run on CLOCK_MONOTONIC, which stands still while the host is suspended: after a
+# resume, what came due meanwhile is seen within this, not when a long sleep would end.
+MAX_SLEEP = 1.0
 
 
 class RefreshScheduler:
     """Due times of every connection; `schedule()` is O(log n), no I/O."""
 
-    def __init__(self, lookup: Lookup, *, clock: Callable[[], float], workers: int) -> None:
+    def __init__(
+        self, lookup: Lookup, *, clock: Clock, workers: int, steady: Clock = steady_clock
+    ) -> None:
+        """`clock`: the wall clock due times are given in; `steady`: the one they are kept on."""
         self._lookup = lookup
         self._clock = clock
+        self._steady = steady
         self._workers_wanted = workers
         self._proactive: list[Entry] = []
         self._keepalive: list[Entry] = []
@@ -55,16 +66,18 @@ class RefreshScheduler:
         self._seq += 1
         self._current[name] = self._seq
         heap = self._keepalive if due.keepalive else self._proactive
-        heapq.heappush(heap, (due.at, self._seq, name))
+        # Converted once, now: later wall readings may be stepped, steady ones are not.
+        at = self._steady() + (due.at - self._clock())
+        heapq.heappush(heap, (at, self._seq, name))
         self._changed.set()
 
     def due_of(self, name: str) -> float | None:
-        """For tests and status: when `name` is due, if it is scheduled."""
+        """For tests and status: when `name` is due (wall-clock terms), if it is scheduled."""
         seq = self._current.get(name)
         for heap in (self._proactive, self._keepalive):
             for at, entry_seq, entry_name in heap:
                 if entry_name == name and entry_seq == seq:
-                    return at
+                    return self._clock() + (at - self._steady())
         return None
 
     async def start(self) -> None:
@@ -95,13 +108,13 @@ class RefreshScheduler:
         """Wait for the earliest live entry to come due; proactive ones go first."""
         while True:
             self._drop_stale()
-            now = self._clock()
+            now = self._steady()
             for heap in (self._proactive, self._keepalive):
                 if heap and heap[0][0] <= now:
                     return heapq.heappop(heap)[2]
             tops = [heap[0][0] for heap in (self._proactive, self._keepalive) if heap]
             self._changed.clear()
-            timeout = min(tops) - now if tops else None
+            timeout = min(min(tops) - now, MAX_SLEEP) if tops else None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout)
 

@@ -208,6 +208,7 @@ def request_doc(request: Request) -> dict[str, Any]:
         "fresh_for": wanted.fresh_for,
         "force": wanted.force,
         "urgent": wanted.urgent,
+        "mine_until": wanted.mine_until,
         "token_request": request.token_request,
     }
 
@@ -220,6 +221,7 @@ def parse_request(doc: dict[str, Any]) -> Request:
             fresh_for=float(doc["fresh_for"]),
             force=bool(doc["force"]),
             urgent=bool(doc["urgent"]),
+            mine_until=_optional_float(doc.get("mine_until")),
         )
         return Request(int(doc["id"]), str(doc["name"]), wanted, float(doc["token_request"]))
     except (KeyError, TypeError, ValueError):

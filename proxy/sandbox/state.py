@@ -85,6 +85,9 @@ class Stats:
     last_upload: dict[str, Any] | None = None
     # The most token requests being answered at once (what a proxy's cap is measured by).
     token_in_flight_max: int = 0
+    # API requests refused because their bearer, a grant's current access token, had
+    # expired: what a proxy that judges expiry right never sends.
+    expired_tokens: int = 0
 
 
 @dataclass
@@ -305,6 +308,7 @@ class SandboxState:
         if not hmac.compare_digest(grant.access_token, token):
             return None
         if grant.access_expires_at <= self.clock():
+            self.stats.expired_tokens += 1
             return None
         return grant
 

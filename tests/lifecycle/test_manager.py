@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +14,7 @@ import pytest
 
 from proxy.config import Config, Refresh
 from proxy.errors import ClientRejected, ReauthorizationRequired
+from proxy.lifecycle.clocks import steady_clock
 from proxy.lifecycle.manager import (
     INTERRUPTED_REASON,
     TokenManager,
@@ -31,13 +32,28 @@ from tests.sandboxes import RunningSandbox, get_stats, sandbox, set_knobs
 __all__ = ["sandbox"]
 
 
+class Shifted:
+    """A real clock plus an offset the test changes (a step of the wall clock, say)."""
+
+    def __init__(self, base: Callable[[], float]) -> None:
+        self.base = base
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return self.base() + self.offset
+
+
 @asynccontextmanager
 async def running_manager(
-    config: Config, *, background: bool = False
+    config: Config,
+    *,
+    background: bool = False,
+    clock: Callable[[], float] = time.time,
+    steady: Callable[[], float] = steady_clock,
 ) -> AsyncIterator[TokenManager]:
     store = FileStore.from_config(config)
     async with aiohttp.ClientSession() as session:
-        manager = TokenManager(config, store, session)
+        manager = TokenManager(config, store, session, clock=clock, steady=steady)
         await manager.start(background=background)
         try:
             yield manager
@@ -119,6 +135,23 @@ async def test_500_concurrent_requests_at_expiry_share_one_refresh(
         )
     assert len(set(h.reveal() for h in headers)) == 1
     assert headers[0] != bearer(old)
+    await assert_one_refresh_no_reuse(sandbox)
+
+
+async def test_a_wall_clock_stepped_back_does_not_keep_an_expired_token_in_service(
+    sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    config = await authorised_manager_config(sandbox, tmp_path, ttl=600)
+    wall, steady = Shifted(time.time), Shifted(steady_clock)
+    async with running_manager(config, clock=wall, steady=steady) as manager:
+        old = await install_fresh(manager, config)
+        assert await manager.authorization() == bearer(old)
+        wall.offset = -3600.0  # NTP steps the wall clock back an hour...
+        steady.offset = 601.0  # ...and the token's ten minutes pass
+        assert old.is_valid(wall()), "by the stored expiry alone it lives an hour more"
+        new = await manager.authorization()
+        assert new != bearer(old), "refreshed, even though the store holds the same token"
+        assert await manager.authorization() == new
     await assert_one_refresh_no_reuse(sandbox)
 
 

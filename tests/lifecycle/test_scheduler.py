@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -12,8 +12,11 @@ from pathlib import Path
 import aiohttp
 
 from proxy.config import Config, Connections, Refresh
+from proxy.lifecycle.clocks import steady_clock
+from proxy.lifecycle.manager import TokenManager
 from proxy.lifecycle.registry import Registry
 from proxy.lifecycle.rules import Due, refresh_due, spread
+from proxy.lifecycle.scheduler import MAX_SLEEP, RefreshScheduler
 from proxy.store import open_stores
 from tests.flows import sandbox_config
 from tests.sandboxes import RunningSandbox, get_stats, sandbox, set_knobs
@@ -21,6 +24,7 @@ from tests.sandboxes import RunningSandbox, get_stats, sandbox, set_knobs
 __all__ = ["sandbox"]
 
 COUNT = 300
+HOUR = 3600.0
 
 
 def config_for(sandbox: RunningSandbox, tmp_path: Path) -> Config:
@@ -119,3 +123,70 @@ def test_jitter_spreads_due_times_but_keeps_them_before_the_margin() -> None:
     )
     assert idle is not None
     assert idle.keepalive, "an idle connection is only kept alive"
+
+
+class Shifted:
+    """A real clock plus an offset the test changes: a step, or a suspend's lost hour."""
+
+    def __init__(self, base: Callable[[], float]) -> None:
+        self.base = base
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return self.base() + self.offset
+
+
+@asynccontextmanager
+async def watched_scheduler(
+    wall: Callable[[], float], steady: Callable[[], float]
+) -> AsyncIterator[tuple[RefreshScheduler, list[str]]]:
+    """A scheduler whose workers only record which connection came due (none is loaded)."""
+    asked: list[str] = []
+
+    async def lookup(name: str) -> TokenManager | None:
+        asked.append(name)
+        return None
+
+    scheduler = RefreshScheduler(lookup, clock=wall, steady=steady, workers=2)
+    await scheduler.start()
+    try:
+        yield scheduler, asked
+    finally:
+        await scheduler.close()
+
+
+async def until_asked(asked: list[str], *, within: float) -> None:
+    deadline = time.monotonic() + within
+    while not asked:
+        assert time.monotonic() < deadline, "the due time was not noticed"
+        await asyncio.sleep(0.02)
+
+
+async def test_due_times_are_kept_on_the_steady_clock() -> None:
+    wall, steady = Shifted(time.time), Shifted(steady_clock)
+    async with watched_scheduler(wall, steady) as (scheduler, asked):
+        scheduler.schedule("c", Due(wall() + 0.3, keepalive=False))
+        due = scheduler.due_of("c")
+        assert due is not None
+        assert abs(due - (wall() + 0.3)) < 0.05
+        wall.offset = -HOUR  # NTP steps the wall clock back an hour
+        due = scheduler.due_of("c")
+        assert due is not None
+        assert abs(due - (wall() + 0.3)) < 0.05, "moved with the wall clock: still 0.3 s away"
+        await until_asked(asked, within=2.0)
+        assert asked == ["c"]
+
+
+async def test_a_resume_after_a_suspend_is_noticed_within_the_longest_sleep() -> None:
+    # The loop's timers do not count a suspend: only the steady clock and the wall clock
+    # jump. A worker asleep until a due time an hour away must still look again soon.
+    wall, steady = Shifted(time.time), Shifted(steady_clock)
+    async with watched_scheduler(wall, steady) as (scheduler, asked):
+        scheduler.schedule("c", Due(wall() + HOUR, keepalive=True))
+        await asyncio.sleep(0.1)  # the workers are asleep now, waiting for it
+        assert asked == []
+        wall.offset = steady.offset = HOUR + 1
+        started = time.monotonic()
+        await until_asked(asked, within=MAX_SLEEP + 1.0)
+        assert time.monotonic() - started <= MAX_SLEEP + 0.5
+        assert asked == ["c"]

@@ -134,6 +134,14 @@ def test_a_request_names_tokens_by_digest_only() -> None:
     assert wanted.mine == token_digest(TOKENS.access_token)
 
 
+def test_a_request_carries_the_askers_own_expiry() -> None:
+    # The helper judges the asker's token by it (its steady clock), not its wall clock alone.
+    wanted = Wanted.of(RefreshRequest(), TOKENS, mine_until=1234.5)
+    doc = wire.request_doc(wire.Request(5, "acme", wanted, 15.0))
+    assert wire.parse_request(doc).wanted.mine_until == 1234.5
+    assert Wanted.of(RefreshRequest(), None, mine_until=1234.5).mine_until is None
+
+
 def answer_for(result: Refreshed | BaseException) -> wire.Answer:
     events = wire.RecordedEvents()
     events.lock_waited(0.25)
