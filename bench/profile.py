@@ -21,10 +21,16 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.run import REPO_ROOT, Server, _spawn, _stop, free_port, measure_small, proxy_config
-from bench.run import wait_ready
-
-IDLE_FRAMES = ("select (selectors.py", "run_forever", "_run_once", "poll (")
+from bench.run import (
+    REPO_ROOT,
+    Server,
+    _spawn,
+    _stop,
+    free_port,
+    measure_small,
+    proxy_config,
+    wait_ready,
+)
 
 
 def summarise(raw: str, top: int) -> str:
@@ -53,7 +59,7 @@ def summarise(raw: str, top: int) -> str:
     return "\n".join(lines)
 
 
-async def profile(seconds: float, connections: int, raw_path: Path) -> Server:
+async def profile(seconds: float, connections: int, raw_path: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="pleo-profile-") as tmp:
         workdir = Path(tmp)
         upstream_port, proxy_port = free_port(), free_port()
@@ -69,19 +75,16 @@ async def profile(seconds: float, connections: int, raw_path: Path) -> Server:
             proxy = Server(f"http://127.0.0.1:{proxy_port}", started[1])
             await wait_ready(proxy, "/small", workdir / "proxy.log")
             await measure_small(proxy.url, connections, 1.0)  # warm up
-            spy = subprocess.Popen(
-                [
-                    "py-spy", "record", "--format", "raw", "--rate", "250", "--nonblocking",
-                    "--duration", str(int(seconds)), "--output", str(raw_path),
-                    "--pid", str(proxy.pid),
-                ],
+            spy = await asyncio.create_subprocess_exec(
+                "py-spy", "record", "--format", "raw", "--rate", "250", "--nonblocking",
+                "--duration", str(int(seconds)), "--output", str(raw_path),
+                "--pid", str(proxy.pid),
                 cwd=REPO_ROOT,
                 stdout=subprocess.DEVNULL,
             )  # fmt: skip
             result = await measure_small(proxy.url, connections, seconds)
-            await asyncio.to_thread(spy.wait)
+            await spy.wait()
             print(f"{result.rps:.0f} req/s at {connections} connections while sampled")
-            return proxy
         finally:
             for process in reversed(started):
                 _stop(process)
