@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -65,17 +65,11 @@ class Fairness:
     def __len__(self) -> int:
         return len(self._entries)
 
-    @contextmanager
-    def slot(self, name: str) -> Iterator[None]:
+    def slot(self, name: str) -> AbstractContextManager[None]:
         """Admit one request of connection `name` and hold its slot while the block runs."""
         if self.limits.unlimited:
-            yield
-            return
-        self.admit(name)
-        try:
-            yield
-        finally:
-            self.release(name)
+            return _NO_SLOT
+        return _Slot(self, name)
 
     def admit(self, name: str) -> None:
         """Take a slot and a token for `name`, or raise RateLimited and take nothing."""
@@ -148,3 +142,27 @@ class Fairness:
 
 
 FAIRNESS_KEY = web.AppKey("fairness", Fairness)
+
+
+class _Slot:
+    """One admitted request's slot, given back when its block ends, however it ends.
+
+    A plain object rather than a @contextmanager generator: every request waiting on
+    Pleo holds one, and a generator with its frame costs several times the memory.
+    """
+
+    __slots__ = ("_fairness", "_name")
+
+    def __init__(self, fairness: Fairness, name: str) -> None:
+        self._fairness = fairness
+        self._name = name
+
+    def __enter__(self) -> None:
+        self._fairness.admit(self._name)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._fairness.release(self._name)
+
+
+# Without limits (the default) a request holds nothing: one shared, reusable no-op.
+_NO_SLOT: AbstractContextManager[None] = nullcontext()
