@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from proxy import __version__, cli_tokens
+from proxy import __version__
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError, ProxyError
 from proxy.names import DEFAULT_CONNECTION, NAME_RULE, is_valid_name
@@ -128,6 +128,10 @@ def _run_with_config(command: str, config: Config, args: argparse.Namespace) -> 
         return EXIT_OK
     if command == "run":
         return _run(config, args)
+    # Here, not at the top: the token commands' modules (the lifecycle, the store, the
+    # HTTP client) cost `run` and `check-config` memory and start-up time for nothing.
+    from proxy import cli_tokens
+
     connection: str | None = getattr(args, "name", None) or getattr(args, "connection", None)
     if connection is not None and not is_valid_name(connection):
         return cli_tokens.usage_error(f"invalid connection name {connection!r}: {NAME_RULE}")
@@ -149,6 +153,7 @@ def _run_with_config(command: str, config: Config, args: argparse.Namespace) -> 
 
 
 def _connect(config: Config, connection: str, return_to: str | None) -> int:
+    from proxy import cli_tokens  # lazily, as in _run_with_config
     from proxy.http.connections_api import return_to_problem
 
     if config.pleo.uses_api_key:
@@ -203,6 +208,7 @@ def _run(config: Config, args: argparse.Namespace) -> int:
 
 
 def _authorize_url(config: Config, connection: str | None) -> int:
+    from proxy import cli_tokens  # lazily, as in _run_with_config
     from proxy.connect.urlfile import read_authorize_url
 
     name = connection or DEFAULT_CONNECTION

@@ -29,6 +29,7 @@ COVERED_BY = {
     "proxy/connect/routes.py": "tests/connect/test_authorise.py",
     "proxy/config/__init__.py": "tests/config/test_config.py",
     "proxy/config/values.py": "tests/config/test_config.py",
+    "proxy/config/yamldoc.py": "tests/config/test_config.py",
     "proxy/connect/__init__.py": None,
     "proxy/connect/pages.py": "tests/connect/test_authorise.py",
     "proxy/demo.py": "tests/test_e2e.py",

@@ -13,8 +13,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import yaml
-
 from proxy.config.listen import ClientKey as ClientKey, build_listen_access, listen_spec
 from proxy.config.reader import Reader, Spec, valid as valid_values
 from proxy.config.sections import (
@@ -378,32 +376,10 @@ def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Conf
         raise ConfigError(
             [Problem(FILE_PROBLEM_PATH, f"cannot read {str(path)!r}: {reason}")]
         ) from None
-    try:
-        doc = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
-    except yaml.YAMLError as exc:
-        raise ConfigError([Problem(FILE_PROBLEM_PATH, _yaml_message(exc))]) from None
+    # Here, not at the top: PyYAML is only for reading files, and the refresh helper
+    # (which builds its Config from a mapping) would load it for nothing.
+    from proxy.config.yamldoc import parse_document
+
+    doc = parse_document(text)
     env = os.environ if environ is None else environ
     return parse_config(doc, base_dir=path.absolute().parent, environ=env)
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys, which PyYAML would silently let the last win."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[object] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen:
-                message = f"duplicate key {key!r}"
-                raise yaml.constructor.ConstructorError(None, None, message, key_node.start_mark)
-            seen.add(key if isinstance(key, str) else id(key_node))
-        return super().construct_mapping(node, deep=deep)
-
-
-def _yaml_message(exc: yaml.YAMLError) -> str:
-    # Only PyYAML's short `problem` and the position: its snippet would echo file content.
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or "syntax error"
-    if mark is None:
-        return f"invalid YAML: {problem}"
-    return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"

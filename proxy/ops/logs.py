@@ -19,8 +19,6 @@ import sys
 import time
 from typing import Any
 
-from aiohttp.http_exceptions import HttpProcessingError
-
 LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -77,7 +75,13 @@ def _drop_request_bytes(record: logging.LogRecord) -> None:
     """aiohttp logs a rejected request's parse error with the offending bytes in it
     (e.g. the start of an over-long `Authorization` header): keep only the error's kind."""
     exc_type = record.exc_info[0] if record.exc_info else None
-    if exc_type is not None and issubclass(exc_type, HttpProcessingError):
+    if exc_type is None:
+        return
+    # Imported here: importing aiohttp (its whole client) for every CLI command that only
+    # sets up logging would cost each of them ~13 MiB and ~150 ms.
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    if issubclass(exc_type, HttpProcessingError):
         record.msg = f"{record.getMessage()} ({exc_type.__name__}; request bytes not logged)"
         record.args = None
         record.exc_info = None

@@ -12,7 +12,6 @@ container) ends. It restarts none. Must not build an app or touch the store.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import signal
@@ -57,6 +56,8 @@ def announce_ready() -> None:
 def become_subreaper() -> bool:
     """Adopt orphaned descendants (a killed worker's refresh helper), so they can be waited
     for. Linux only; PID 1 of a PID namespace (a container) adopts them anyway."""
+    import ctypes  # only the supervisor needs it; a serving process never loads it
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)

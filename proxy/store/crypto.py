@@ -16,9 +16,6 @@ import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from proxy.errors import StoreError
 
 KEY_BYTES = 32
@@ -60,6 +57,10 @@ def _check_key(key: bytes) -> None:
 
 def seal(plaintext: bytes, key: bytes) -> bytes:
     """Encrypt and authenticate `plaintext` under `key`, with a fresh random nonce."""
+    # Imported here, not above: cryptography is ~5 MiB of RSS that API-key mode and most
+    # CLI commands never use (tests/test_imports.py keeps it that way).
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     _check_key(key)
     kid = bytes.fromhex(key_id(key))
     nonce = secrets.token_bytes(NONCE_BYTES)
@@ -71,6 +72,10 @@ def open_sealed(blob: bytes, keys: Sequence[bytes], *, what: str = "token file")
 
     `what` names the thing in messages ("token file", "token value in Redis").
     """
+    # Imported here for the reason given in seal().
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     check_envelope(blob, what=what)
     kid = blob[len(MAGIC) : len(MAGIC) + KID_BYTES]
     nonce = blob[len(MAGIC) + KID_BYTES : HEADER_BYTES]
