@@ -90,6 +90,7 @@ async def run_proxy_app(
         host="127.0.0.1",
         port=0,
         handler_cancellation=True,
+        auto_decompress=False,  # as runner_options: bodies are relayed as they came
     )
     await server.start_server()
     try:

@@ -272,6 +272,9 @@ def runner_options(config: Config) -> dict[str, Any]:
         # it also feeds the request metrics, so it is on whatever the log level.
         "access_log_class": AccessLogger,
         "access_log": access_logger(),
+        # A body sent with Content-Encoding goes to Pleo as it came, header and bytes
+        # alike: aiohttp would otherwise inflate it and we would relay the header with it.
+        "auto_decompress": False,
         # Request-line/header bounds and the idle timeout (`limits:`).
         **server_limits(config),
     }

@@ -5,6 +5,7 @@ bodies only), interim answers, early answers to uploads, and failures as JSON.""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,7 +19,7 @@ from yarl import URL
 
 from proxy.http.body import Body
 from proxy.http.pool import Answer, UpstreamPool
-from tests.proxyproc import RecordingCredentials, proxy_config, run_proxy_app
+from tests.proxyproc import RecordingCredentials, proxy_config, run_proxy_app, run_served
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
 
@@ -252,3 +253,22 @@ async def test_a_malformed_answer_is_a_502_without_details() -> None:
         answer = await r.json()
     assert answer["error"] == "upstream_unreachable"
     assert "token-1" not in str(answer)
+
+
+async def test_a_compressed_upload_reaches_pleo_byte_for_byte_with_its_encoding() -> None:
+    payload = gzip.compress(b'{"note": "' + b"x" * 5000 + b'"}')
+    async with (
+        raw_upstream(ok_writer) as (url, wire),
+        run_served(proxy_config(url), RecordingCredentials()) as port,
+        aiohttp.ClientSession() as client,
+        client.post(
+            f"http://127.0.0.1:{port}/v1/receipts",
+            data=payload,
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        ) as r,
+    ):
+        assert r.status == 200
+    assert wire.bodies == [payload], "not inflated on the way"
+    lines = header_lines(wire.heads[0][1])
+    assert b"Content-Encoding: gzip" in lines
+    assert f"Content-Length: {len(payload)}".encode() in lines
