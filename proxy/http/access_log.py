@@ -86,22 +86,19 @@ class AccessLogger(AbstractAccessLogger):
         path = redact(request.path)
         rid = None if rid is None else redact(rid)
         method = redact(request.method)
+        duration_ms = round(time * 1000, 1)
+        shown_upstream = "-" if upstream_ms is None else upstream_ms
         self.logger.info(
-            "%s %s %s %s bytes %.1f ms (upstream %s ms) id=%s",
-            method,
-            path,
-            response.status,
-            response.body_length,
-            time * 1000,
-            "-" if upstream_ms is None else upstream_ms,
-            rid,
+            # Formatted here, no arguments left: every part is redacted or a number.
+            f"{method} {path} {response.status} {response.body_length} bytes"
+            f" {duration_ms:.1f} ms (upstream {shown_upstream} ms) id={rid}",
             extra={
                 "fields": {
                     "method": method,
                     "path": path,
                     "status": response.status,
                     "bytes": response.body_length,
-                    "duration_ms": round(time * 1000, 1),
+                    "duration_ms": duration_ms,
                     "upstream_ms": upstream_ms,
                     "request_id": rid,
                 },

@@ -12,6 +12,7 @@ in the 0600 `authorize-url` file). Every other record has `setup=` masked too.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -134,12 +135,68 @@ class JsonFormatter(logging.Formatter):
             doc.update(extra)
         if record.exc_info and record.exc_info[0] is not None:
             doc["exception"] = record.exc_info[0].__name__
-        return json.dumps(doc, ensure_ascii=False, default=str)
+        return _ENCODER.encode(doc)
+
+
+# One encoder for every line: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
+
+
+class CoalescingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Lines logged in one event-loop iteration reach the stream in one write.
+
+    A busy proxy logs a line per request; written and flushed one by one, that was a
+    system call each. Inside an event loop a line waits only until the loop's next
+    callbacks run; elsewhere (the CLI, other threads) it is written at once. `flush()`
+    (logging's shutdown and close call it) writes whatever waits.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._waiting: list[str] = []
+        self._scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        # emit() runs under the handler's lock (Handler.handle), so does the list.
+        self._waiting.append(line)
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write_waiting()
+            return
+        self._scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._scheduled = False
+            self._write_waiting()
+        finally:
+            self.release()
+
+    def _write_waiting(self) -> None:
+        if not self._waiting:
+            return
+        text = "".join(self._waiting)
+        self._waiting.clear()
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # stderr gone (closed pipe): nothing left to tell
 
 
 def log_handler(stream: Any, *, fmt: str) -> logging.Handler:
     """A handler writing to `stream` as `fmt` ("json" or "text"), redaction included."""
-    handler = logging.StreamHandler(stream)
+    handler = CoalescingHandler(stream)
     handler.addFilter(RedactingFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -135,3 +136,45 @@ def test_text_without_any_trigger_is_returned_as_it_is_and_triggers_still_redact
     assert redact("/v1/x?access_token=abcdefgh") == "/v1/x?access_token=[redacted]"
     assert "abcdefgh" not in redact("Bearer abcdefgh")
     assert "[redacted]" in redact("eyJabcdefghij.eyJabcdefghij.sig")
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def coalescing_logger(stream: io.StringIO) -> logging.Logger:
+    logger = logging.getLogger("tests.coalescing")
+    logger.handlers[:] = [log_handler(stream, fmt="json")]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    return logger
+
+
+async def test_lines_of_one_loop_iteration_reach_the_stream_in_one_write_in_order() -> None:
+    stream = CountingStream()
+    logger = coalescing_logger(stream)
+    for index in range(50):
+        logger.info("line %d", index)
+    assert stream.writes == 0, "waiting for the loop's next callbacks"
+    await asyncio.sleep(0)
+    assert stream.writes == 1
+    logger.info("after")
+    logger.handlers[0].flush()  # logging's shutdown does this: nothing is left behind
+    messages = [json.loads(line)["msg"] for line in stream.getvalue().splitlines()]
+    assert messages == [f"line {i}" for i in range(50)] + ["after"]
+    assert stream.writes == 2
+
+
+def test_outside_an_event_loop_each_line_is_written_at_once() -> None:
+    stream = CountingStream()
+    logger = coalescing_logger(stream)
+    logger.info("one")
+    assert stream.writes == 1
+    logger.info("two")
+    assert [json.loads(line)["msg"] for line in stream.getvalue().splitlines()] == ["one", "two"]
