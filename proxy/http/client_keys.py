@@ -142,7 +142,7 @@ def allow_connection(request: web.Request, name: str | None) -> None:
     scope = request.get(SCOPE_KEY)
     if scope is None or scope.allows(name):
         return
-    request.config_dict[REFUSALS_KEY][NOT_ALLOWED] += 1
+    request.app[REFUSALS_KEY][NOT_ALLOWED] += 1
     if name is None:
         detail = "this client key is limited to some connections; this endpoint covers all"
     else:

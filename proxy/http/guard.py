@@ -47,7 +47,8 @@ class Refusal:
         return {"error": self.code, "detail": self.detail}
 
 
-@dataclass(frozen=True)
+# Built per request: slots, not frozen (a frozen dataclass's __init__ is ~5x slower).
+@dataclass(slots=True)
 class RequestView:
     """The parts of a request the guard looks at, as they arrived on the wire."""
 
@@ -261,7 +262,7 @@ def refuse(
         if verdict is not None:
             request[SCOPE_KEY] = verdict  # checked once the connection is known
         return None
-    request.config_dict[REFUSALS_KEY][verdict.code] += 1
+    request.app[REFUSALS_KEY][verdict.code] += 1
     response = web.json_response(
         verdict.body(), status=verdict.status, headers=dict(verdict.headers)
     )

@@ -60,8 +60,12 @@ class RetryPlan:
     @classmethod
     def for_request(cls, upstream: Upstream, method: str, *, replayable: bool) -> RetryPlan:
         """No retries for POST, PATCH and the like, nor for a body streamed once."""
-        allowed = replayable and method.upper() in RETRYABLE_METHODS
-        return cls(retries=upstream.retries if allowed else 0, cap=upstream.retry_after_cap)
+        if not upstream.retries or not replayable or method.upper() not in RETRYABLE_METHODS:
+            return NO_RETRIES  # the default: no plan built per request
+        return cls(retries=upstream.retries, cap=upstream.retry_after_cap)
+
+
+NO_RETRIES = RetryPlan()
 
 
 @dataclass(frozen=True)

@@ -318,4 +318,6 @@ def metrics_of(request: web.BaseRequest) -> Metrics | None:
     """The metrics of the application serving `request`, if it has any."""
     if not isinstance(request, web.Request):
         return None
-    return request.config_dict.get(METRICS_KEY)
+    # The app, not config_dict (a new ChainMapProxy per call): every listener's app
+    # holds the main app's objects (proxy.http.app.listener_app).
+    return request.app.get(METRICS_KEY)
