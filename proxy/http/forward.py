@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -212,13 +212,16 @@ class _Observer:
             metrics.replayed(result)
 
 
-async def _send(
+def _send(
     sender: Sender, outbound: Outbound, authorization: Secret, observe: _Observer
-) -> Reply:
-    """One exchange with Pleo: a single attempt, or more where `upstream.retries` allows."""
+) -> Awaitable[Reply]:
+    """One exchange with Pleo: a single attempt, or more where `upstream.retries` allows.
+
+    A plain function handing back the coroutine: no await level of its own, which every
+    resumption of the exchange would pass through."""
     if not outbound.retry.retries:
-        return await _send_once(sender, outbound, authorization, observe)
-    return await send_with_retries(
+        return _send_once(sender, outbound, authorization, observe)
+    return send_with_retries(
         lambda: _send_once(sender, outbound, authorization, observe),
         outbound.retry,
         events=metrics_of(observe.request),

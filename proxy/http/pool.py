@@ -200,12 +200,19 @@ class UpstreamPool:
             chunks = _pieces(data) if body.stream is None else body.stream
             upload = asyncio.create_task(_upload(writer, protocol, chunks))
         try:
-            message, content = await _head(protocol)
-        except BaseException:
+            # Interim 1xx answers (but a 101) are skipped: the final one is relayed.
+            while True:
+                message, content = await protocol.read()
+                if not 100 <= message.code < 200 or message.code == 101:
+                    return Answer(self, protocol, message, content, upload)
+        except BaseException as exc:
             if upload is not None:
                 upload.cancel()
+            if isinstance(exc, HttpProcessingError):
+                raise UpstreamUnreachable(
+                    "the connection to the Pleo API failed (malformed response)"
+                ) from None
             raise
-        return Answer(self, protocol, message, content, upload)
 
     async def _connection(self, connect_timeout: float | None) -> tuple[ResponseHandler, bool]:
         """An idle connection (True: reused) or a new one."""
@@ -243,19 +250,6 @@ class UpstreamPool:
         if self._idle and not self._closed:
             wait = self._keepalive - (now - self._idle[0][1])
             self._prune_handle = loop.call_later(wait, self._prune)
-
-
-async def _head(protocol: ResponseHandler) -> tuple[Any, aiohttp.StreamReader]:
-    """The final answer's head; interim 1xx answers (but a 101) are skipped."""
-    while True:
-        try:
-            message, content = await protocol.read()
-        except HttpProcessingError:
-            raise UpstreamUnreachable(
-                "the connection to the Pleo API failed (malformed response)"
-            ) from None
-        if not 100 <= message.code < 200 or message.code == 101:
-            return message, content
 
 
 async def _pieces(data: bytes) -> AsyncIterator[memoryview]:
