@@ -287,8 +287,10 @@ async def _relay_response(
 ) -> web.StreamResponse:
     # An answer that is already all here (most small ones) goes out in one write, head
     # and body; one still arriving gets its head at once, as a stream must.
-    kind = _CompleteResponse if upstream.content.is_eof() else web.StreamResponse
-    response = kind(status=upstream.status, reason=upstream.reason)
+    complete = upstream.content.is_eof()
+    response = (_CompleteResponse if complete else web.StreamResponse)(
+        status=upstream.status, reason=upstream.reason
+    )
     # Content-Length and Content-Encoding pass through as they are; the response
     # is never compressed by us, so the length stays true.
     response.headers.extend(strip_hop_by_hop(upstream.raw_headers))
@@ -296,6 +298,10 @@ async def _relay_response(
     await response.prepare(request)
     try:
         with map_client_errors():
+            if complete:
+                # All of it is buffered already: taken at once, no read to wait for.
+                await response.write_eof(upstream.content.read_nowait())
+                return response
             # As it arrives, like uploads: re-cutting into exact sizes only costs copies.
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
