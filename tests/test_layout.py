@@ -23,6 +23,7 @@ COVERED_BY = {
     "proxy/connect/urlfile.py": "tests/connect/test_authorise.py",
     "proxy/lifecycle/refresh.py": "tests/lifecycle/test_manager.py",
     "proxy/lifecycle/background.py": "tests/lifecycle/test_manager.py",
+    "proxy/lifecycle/flight.py": "tests/lifecycle/test_manager.py",
     "proxy/lifecycle/entries.py": "tests/lifecycle/test_registry.py",
     "proxy/lifecycle/grants.py": "tests/connect/test_authorise.py",
     "proxy/connect/messages.py": "tests/connect/test_authorise.py",

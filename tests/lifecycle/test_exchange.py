@@ -24,8 +24,8 @@ import pytest
 from proxy.config import Config, load_config
 from proxy.errors import ReauthorizationRequired, StoreError
 from proxy.lifecycle.exchange import Exchanger
-from proxy.lifecycle.manager import INTERRUPTED_REASON, TokenManager, TokenState, bearer
-from proxy.lifecycle.rules import TokenEvents
+from proxy.lifecycle.manager import TokenManager
+from proxy.lifecycle.rules import INTERRUPTED_REASON, TokenEvents, TokenState, bearer
 from proxy.store.crypto import format_key, generate_key
 from proxy.store.file import FileStore
 from proxy.tokenset import StoredState, TokenSet

@@ -15,9 +15,9 @@ import pytest
 from proxy.config import Config, Refresh
 from proxy.errors import ClientRejected, ReauthorizationRequired
 from proxy.lifecycle.clocks import steady_clock
-from proxy.lifecycle.manager import (
+from proxy.lifecycle.manager import TokenManager
+from proxy.lifecycle.rules import (
     INTERRUPTED_REASON,
-    TokenManager,
     TokenState,
     backoff_delay,
     bearer,
