@@ -25,6 +25,7 @@ COVERED_BY = {
     "proxy/lifecycle/background.py": "tests/lifecycle/test_manager.py",
     "proxy/lifecycle/flight.py": "tests/lifecycle/test_manager.py",
     "proxy/lifecycle/entries.py": "tests/lifecycle/test_registry.py",
+    "proxy/lifecycle/cache.py": "tests/lifecycle/test_registry.py",
     "proxy/lifecycle/grants.py": "tests/connect/test_authorise.py",
     "proxy/connect/messages.py": "tests/connect/test_authorise.py",
     "proxy/connect/routes.py": "tests/connect/test_authorise.py",
