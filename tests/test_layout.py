@@ -24,6 +24,7 @@ COVERED_BY = {
     "proxy/lifecycle/refresh.py": "tests/lifecycle/test_manager.py",
     "proxy/lifecycle/background.py": "tests/lifecycle/test_manager.py",
     "proxy/lifecycle/flight.py": "tests/lifecycle/test_manager.py",
+    "proxy/lifecycle/remote.py": "tests/lifecycle/test_exchange.py",
     "proxy/lifecycle/entries.py": "tests/lifecycle/test_registry.py",
     "proxy/lifecycle/cache.py": "tests/lifecycle/test_registry.py",
     "proxy/lifecycle/grants.py": "tests/connect/test_authorise.py",

@@ -1,7 +1,8 @@
 """One connection's refresh in this process: single-flight, under the one retry loop.
 
 Every caller shares one future; each attempt is one `RefreshSequence` (lock, re-read,
-mark, Pleo, persist), and what it ends with is taken into the connection's status.
+mark, Pleo, persist), and what it ends with is taken into the connection's status. A
+request that joins a background refresh raises its priority at the limiter to its own.
 Must not decide when to refresh, hand out tokens, or know file formats and Redis commands.
 """
 
@@ -21,8 +22,9 @@ from proxy.errors import (
     TransientOAuthError,
 )
 from proxy.lifecycle.clocks import Clock
-from proxy.lifecycle.exchange import RemoteSequence
+from proxy.lifecycle.limiter import Priority
 from proxy.lifecycle.refresh import GrantEnded, NothingToRefresh, Refreshed, RefreshSequence
+from proxy.lifecycle.remote import RemoteSequence
 from proxy.lifecycle.rules import MAX_ATTEMPTS, RefreshRequest, TokenEvents, backoff_delay
 from proxy.lifecycle.status import ConnectionStatus
 from proxy.tokenset import StoredState, TokenSet
@@ -50,6 +52,7 @@ class Refresher:
         self._events = events
         self._on_store_read = on_store_read
         self._inflight: asyncio.Future[TokenSet] | None = None
+        self._priority = Priority(urgent=True)  # the refresh in flight's, at the limiter
 
     @property
     def busy(self) -> bool:
@@ -65,9 +68,15 @@ class Refresher:
     async def refresh(self, request: RefreshRequest) -> TokenSet:
         """Single-flight: every caller in this process shares one refresh."""
         if self._inflight is None or self._inflight.done():
-            self._inflight = asyncio.ensure_future(self._refresh_with_retries(request))
+            self._priority = Priority(urgent=request.urgent)
+            flight = self._refresh_with_retries(request, self._priority)
+            self._inflight = asyncio.ensure_future(flight)
             self._inflight.add_done_callback(self._refresh_done)
             self._status.refresh_started()
+        elif request.urgent:
+            # Joining a background refresh: waiting as one, behind every other connection's
+            # background refresh queued at the limiter, could take minutes in a storm.
+            self._priority.promote()
         # shield: a client that disconnects must not cancel a refresh that Pleo may
         # already have answered; its new tokens still have to be persisted.
         return await asyncio.shield(self._inflight)
@@ -80,11 +89,11 @@ class Refresher:
             future.exception()  # mark retrieved: waiters may all have gone
         self._status.refresh_ended(last=last)
 
-    async def _refresh_with_retries(self, request: RefreshRequest) -> TokenSet:
+    async def _refresh_with_retries(self, request: RefreshRequest, priority: Priority) -> TokenSet:
         """The only retry loop for the token endpoint: bounded backoff with jitter."""
         for attempt in range(MAX_ATTEMPTS):
             try:
-                tokens = await self._refresh_once(request)
+                tokens = await self._refresh_once(request, priority)
             except (TransientOAuthError, LockTimeout, FencedOut) as exc:
                 # FencedOut: this attempt's lease lapsed; the next one re-reads the store.
                 self._status.last_transient = exc.detail
@@ -100,10 +109,13 @@ class Refresher:
                 return tokens
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _refresh_once(self, request: RefreshRequest) -> TokenSet:
+    async def _refresh_once(self, request: RefreshRequest, priority: Priority) -> TokenSet:
         status = self._status
         try:
-            result = await self._sequence.run(request, status.tokens, mine_until=self._mine_until())
+            mine_until = self._mine_until()
+            result = await self._sequence.run(
+                request, status.tokens, priority=priority, mine_until=mine_until
+            )
         except NothingToRefresh as exc:
             if exc.detail is not None:
                 raise ReauthorizationRequired(exc.detail, authorize_url=status.page_url) from None

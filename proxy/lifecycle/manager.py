@@ -24,10 +24,11 @@ from proxy.errors import OAuthError, StoreError, TransientOAuthError
 from proxy.lifecycle import entries
 from proxy.lifecycle.background import keep_fresh
 from proxy.lifecycle.clocks import Clock, Expiry, steady_clock
-from proxy.lifecycle.exchange import Exchanger, RemoteSequence
+from proxy.lifecycle.exchange import Exchanger
 from proxy.lifecycle.flight import Refresher
 from proxy.lifecycle.limiter import TokenLimiter
 from proxy.lifecycle.refresh import RefreshSequence
+from proxy.lifecycle.remote import RemoteSequence
 from proxy.lifecycle.rules import (
     INTERRUPTED_REASON as INTERRUPTED_REASON,
     REREAD_INTERVAL,
