@@ -3,16 +3,15 @@
 `Exchanger` starts one helper for the whole process, detached: its own session (a SIGKILL
 of the proxy, or of the proxy's process group, does not reach it), no descriptor but its
 end of a socketpair, and a minimal environment; the client secret and the key source go
-over the socket. `RemoteSequence` is a connection's refresh sequence run by the helper, so
-that a refresh Pleo answers is persisted even if this process dies first. When no helper
-can start, the sequence runs in this process, as it always did. Must not lock the store,
-call Pleo, or log a secret.
+over the socket. It asks the helper for refreshes (`remote.RemoteSequence`), and tells it
+when a request came to wait for one. Must not lock the store, call Pleo, or log a secret.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -27,13 +26,11 @@ import aiohttp
 from yarl import URL
 
 from proxy.config import Config
-from proxy.errors import TransientOAuthError
 from proxy.lifecycle import wire
-from proxy.lifecycle.refresh import Pending, Refreshed, RefreshSequence
-from proxy.lifecycle.rules import RefreshRequest, TokenEvents, Wanted
+from proxy.lifecycle.limiter import Priority
+from proxy.lifecycle.rules import Wanted
 from proxy.ops.logs import LEVELS, JsonFormatter
 from proxy.store.crypto import ENV_KEY
-from proxy.tokenset import StoredState, TokenSet
 
 log = logging.getLogger("proxy.tokens")
 
@@ -199,12 +196,18 @@ class Exchanger:
         if self._link is not None and self._link.alive:
             self._link.post(wire.discard_doc(name))
 
-    async def refresh(self, name: str, wanted: Wanted, *, token_request: float) -> wire.Answer:
-        """The helper's answer to one refresh; HelperUnavailable or HelperLost otherwise."""
+    async def refresh(
+        self, name: str, wanted: Wanted, *, token_request: float, priority: Priority
+    ) -> wire.Answer:
+        """The helper's answer to one refresh; HelperUnavailable or HelperLost otherwise.
+        If `priority` is promoted meanwhile, the helper's limiter ranks the call as urgent."""
         link = await self._running()
+        wanted = dataclasses.replace(wanted, urgent=priority.urgent)  # as it is now
         request = wire.Request(link.next_id(), name, wanted, token_request)
         timeout = 2 * token_request + 10 + ANSWER_MARGIN  # lock wait + token request + writes
-        return await link.ask(request, timeout=timeout)
+        # Posted after the request (one stream, in order), so the helper knows its id.
+        with priority.watch(lambda: link.post(wire.promote_doc(request.id))):
+            return await link.ask(request, timeout=timeout)
 
     async def close(self) -> None:
         """Close our end; the helper finishes what holds a lock, and exits."""
@@ -317,81 +320,3 @@ def _environment_proxy(url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
 def _retrieved(future: asyncio.Future[_Link]) -> None:
     if not future.cancelled():
         future.exception()  # a failed background start is reported when it is awaited
-
-
-class RemoteSequence:
-    """A connection's refresh sequence, run by the helper (here when none can start)."""
-
-    def __init__(
-        self,
-        local: RefreshSequence,
-        exchanger: Exchanger,
-        *,
-        name: str,
-        events: TokenEvents,
-    ) -> None:
-        self._local = local
-        self._exchanger = exchanger
-        self._name = name
-        self._events = events
-        self._kept: Pending | None = None  # what the helper keeps for this connection
-        self.recorded: StoredState | None = None
-
-    @property
-    def config(self) -> Config:
-        return self._local.config
-
-    @config.setter
-    def config(self, config: Config) -> None:
-        self._local.config = config
-
-    @property
-    def pending(self) -> Pending | None:
-        """What waits to be written since Pleo answered: in the helper, or here."""
-        return self._kept if self._kept is not None else self._local.pending
-
-    @pending.setter
-    def pending(self, pending: Pending | None) -> None:
-        # Cleared by a logout or a deletion: the helper must drop its copy as well.
-        if pending is None:
-            self._exchanger.discard(self._name)
-        self._kept = None
-        self._local.pending = pending
-
-    @property
-    def unsaved(self) -> StoredState | None:
-        """New tokens not yet in the store (they are written before anything else)."""
-        pending = self.pending
-        return pending.state if pending is not None and pending.fresh else None
-
-    async def run(
-        self, request: RefreshRequest, mine: TokenSet | None, *, mine_until: float | None = None
-    ) -> Refreshed:
-        """As `RefreshSequence.run`; TransientOAuthError when the helper stopped meanwhile."""
-        wanted = Wanted.of(request, mine, mine_until=mine_until)
-        token_request = self.config.timeouts.token_request
-        try:
-            answer = await self._exchanger.refresh(self._name, wanted, token_request=token_request)
-        except HelperUnavailable:
-            return await self._run_here(request, mine, mine_until)
-        except HelperLost as exc:
-            # Pleo may have rotated: the next attempt re-reads the store under the lock,
-            # and a refused token there ends as "a refresh was interrupted".
-            raise TransientOAuthError(str(exc)) from None
-        wire.replay(answer.events, self._events)
-        self._kept = answer.pending
-        self.recorded = answer.recorded
-        try:
-            return answer.outcome()
-        except wire.WireError as exc:
-            raise TransientOAuthError(
-                f"the refresh helper's answer is unreadable ({exc})"
-            ) from None
-
-    async def _run_here(
-        self, request: RefreshRequest, mine: TokenSet | None, mine_until: float | None
-    ) -> Refreshed:
-        try:
-            return await self._local.run(request, mine, mine_until=mine_until)
-        finally:
-            self.recorded, self._local.recorded = self._local.recorded, None

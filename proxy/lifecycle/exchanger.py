@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Sequence
 import aiohttp
 
 from proxy.lifecycle import wire
-from proxy.lifecycle.limiter import TokenLimiter
+from proxy.lifecycle.limiter import Priority, TokenLimiter
 from proxy.lifecycle.refresh import Pending, Refreshed, RefreshSequence
 from proxy.ops.logs import redact, setup_logging
 from proxy.store import ConnectionStores, open_stores
@@ -62,6 +62,7 @@ class Helper:
         self._turns: dict[str, asyncio.Lock] = {}
         self._waiting: Counter[str] = Counter()
         self._runs: dict[asyncio.Task[None], wire.RecordedEvents] = {}
+        self._priorities: dict[int, Priority] = {}  # of the requests not answered yet
         self._token_request = self._config.timeouts.token_request
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -69,6 +70,8 @@ class Helper:
             while (frame := await wire.receive(reader)) is not None:
                 if frame.get("op") == "discard":
                     self._discard(str(frame.get("name")))
+                elif frame.get("op") == "promote":
+                    self._promote(wire.parse_promote(frame))
                 else:
                     self._start(wire.parse_request(frame), writer)
         except (wire.WireError, ConnectionError) as exc:
@@ -80,15 +83,27 @@ class Helper:
         self._pending.pop(name, None)
         self._discards[name] += 1  # and a run in flight keeps nothing either
 
+    def _promote(self, request_id: int) -> None:
+        """A request now waits for this one: it goes before background refreshes."""
+        priority = self._priorities.get(request_id)
+        if priority is not None:  # None: answered already
+            priority.promote()
+
     def _start(self, request: wire.Request, writer: asyncio.StreamWriter) -> None:
         self._token_request = request.token_request
         events = wire.RecordedEvents()
-        task = asyncio.create_task(self._answer(request, events, writer))
+        priority = self._priorities[request.id] = Priority(urgent=request.wanted.urgent)
+        task = asyncio.create_task(self._answer(request, events, writer, priority))
         self._runs[task] = events
         task.add_done_callback(self._runs.pop)
+        task.add_done_callback(lambda _: self._priorities.pop(request.id, None))
 
     async def _answer(
-        self, request: wire.Request, events: wire.RecordedEvents, writer: asyncio.StreamWriter
+        self,
+        request: wire.Request,
+        events: wire.RecordedEvents,
+        writer: asyncio.StreamWriter,
+        priority: Priority,
     ) -> None:
         discards = self._discards[request.name]
         async with self._turn(request.name):
@@ -96,7 +111,7 @@ class Helper:
             result: Refreshed | BaseException
             try:
                 sequence = self._sequence(request, events)
-                result = await sequence.run_wanted(request.wanted)
+                result = await sequence.run_wanted(request.wanted, priority=priority)
             except Exception as exc:  # every failure is an answer
                 result = exc
             finally:

@@ -3,7 +3,8 @@
 At most `refresh.max_concurrent` calls in flight, started no faster than
 `refresh.max_per_second`, and none at all while Pleo asked everyone to wait (a 429 or
 5xx, its `Retry-After` honoured). A call a request is waiting for goes before background
-refreshes. Must not call Pleo itself or know what a refresh is.
+refreshes, also one a request came to wait for after it was queued (`Priority.promote`).
+Must not call Pleo itself or know what a refresh is.
 """
 
 from __future__ import annotations
@@ -12,11 +13,44 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+
+
+class Priority:
+    """How a call ranks among the waiters: urgent (a request waits for it) or background.
+
+    Raised, never lowered: `promote()` when a request comes to wait for a call that was
+    started in the background. A call still waiting then moves among the urgent ones; one
+    already granted keeps its slot; a later call with this priority waits as urgent.
+    """
+
+    def __init__(self, *, urgent: bool) -> None:
+        self._urgent = urgent
+        self._watchers: list[Callable[[], None]] = []
+
+    @property
+    def urgent(self) -> bool:
+        return self._urgent
+
+    def promote(self) -> None:
+        if self._urgent:
+            return
+        self._urgent = True
+        for watcher in list(self._watchers):
+            watcher()
+
+    @contextlib.contextmanager
+    def watch(self, on_promote: Callable[[], None]) -> Iterator[None]:
+        """Call `on_promote()` if this is promoted while the block runs."""
+        self._watchers.append(on_promote)
+        try:
+            yield
+        finally:
+            self._watchers.remove(on_promote)
 
 
 class TokenLimiter:
-    """Slots for token-endpoint calls: `async with limiter.slot(urgent=True): ...`."""
+    """Slots for token-endpoint calls: `async with limiter.slot(Priority(urgent=True)): ...`."""
 
     def __init__(
         self,
@@ -30,6 +64,8 @@ class TokenLimiter:
         self._clock = clock
         self._in_flight = 0
         self.most_in_flight = 0
+        # Waiters in order; a promoted one is in both, its background place skipped (done)
+        # when it comes up: promotion is O(1), nothing is searched or removed.
         self._urgent: collections.deque[asyncio.Future[None]] = collections.deque()
         self._background: collections.deque[asyncio.Future[None]] = collections.deque()
         self._next_start = 0.0  # the earliest the next call may start (rate)
@@ -41,8 +77,8 @@ class TokenLimiter:
         return self._in_flight
 
     @contextlib.asynccontextmanager
-    async def slot(self, *, urgent: bool) -> AsyncIterator[None]:
-        await self._acquire(urgent)
+    async def slot(self, priority: Priority) -> AsyncIterator[None]:
+        await self._acquire(priority)
         try:
             yield
         finally:
@@ -53,24 +89,32 @@ class TokenLimiter:
         """Pleo answered 429 or 5xx: start no call for `seconds` (for every connection)."""
         self._paused_until = max(self._paused_until, self._clock() + seconds)
 
-    async def _acquire(self, urgent: bool) -> None:
+    async def _acquire(self, priority: Priority) -> None:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        (self._urgent if urgent else self._background).append(waiter)
+        (self._urgent if priority.urgent else self._background).append(waiter)
         self._dispatch()
         try:
-            await waiter
+            with priority.watch(lambda: self._promote(waiter)):
+                await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self._in_flight -= 1  # granted as we were cancelled: give it back
                 self._dispatch()
             raise
 
+    def _promote(self, waiter: asyncio.Future[None]) -> None:
+        """A background waiter now has a request waiting on it: queue it among the urgent."""
+        if waiter.done():
+            return  # granted (or cancelled) already: nothing changes
+        self._urgent.append(waiter)
+        self._dispatch()
+
     def _dispatch(self) -> None:
         """Grant free slots in order: urgent waiters first, each when rate and pause allow."""
         while self._in_flight < self._max:
             queue = self._urgent if self._urgent else self._background
             while queue and queue[0].done():
-                queue.popleft()  # cancelled while waiting
+                queue.popleft()  # cancelled while waiting, or granted from the other queue
             if not queue:
                 if queue is self._urgent and self._background:
                     continue

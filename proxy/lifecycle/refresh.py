@@ -34,7 +34,7 @@ from proxy.errors import (
     TransientOAuthError,
 )
 from proxy.lifecycle import oauth
-from proxy.lifecycle.limiter import TokenLimiter
+from proxy.lifecycle.limiter import Priority, TokenLimiter
 from proxy.lifecycle.rules import (
     INTERRUPTED_REASON,
     RefreshRequest,
@@ -123,14 +123,20 @@ class RefreshSequence:
         return self.pending.state if self.pending is not None and self.pending.fresh else None
 
     async def run(
-        self, request: RefreshRequest, mine: TokenSet | None, *, mine_until: float | None = None
+        self,
+        request: RefreshRequest,
+        mine: TokenSet | None,
+        *,
+        priority: Priority,
+        mine_until: float | None = None,
     ) -> Refreshed:
         """Refresh unless the store already holds what `request` wants (`mine_until`: see
-        `Wanted`). Raises OAuthError, StoreError (FencedOut, LockTimeout), NothingToRefresh
-        or GrantEnded."""
-        return await self.run_wanted(Wanted.of(request, mine, mine_until=mine_until))
+        `Wanted`; `priority`: the call's rank at the limiter, raised if a request joins).
+        Raises OAuthError, StoreError (FencedOut, LockTimeout), NothingToRefresh, GrantEnded."""
+        wanted = Wanted.of(request, mine, mine_until=mine_until)
+        return await self.run_wanted(wanted, priority=priority)
 
-    async def run_wanted(self, wanted: Wanted) -> Refreshed:
+    async def run_wanted(self, wanted: Wanted, *, priority: Priority) -> Refreshed:
         """`run` for a request whose tokens are named by digest (a refresh helper's way)."""
         lock_timeout = self.config.timeouts.token_request + 10
         waiting_since = time.monotonic()
@@ -149,7 +155,7 @@ class RefreshSequence:
                 return Refreshed(stored, tokens, by_us=False, flushed=flushed is not None)
             if stored.refresh_started_at is not None:
                 await self._leave_mark_to_its_holder(stored)
-            return await self._refresh_at_pleo(stored, tokens, refresh_token, wanted.urgent)
+            return await self._refresh_at_pleo(stored, tokens, refresh_token, priority)
 
     async def flush_pending(self, stored: StoredState | None) -> StoredState | None:
         """Write what an earlier attempt could not, if `stored` (just read, under the lock)
@@ -213,7 +219,7 @@ class RefreshSequence:
         return self._clock() + wanted.fresh_for < expires_at
 
     async def _refresh_at_pleo(
-        self, stored: StoredState, tokens: TokenSet, refresh_token: Secret, urgent: bool
+        self, stored: StoredState, tokens: TokenSet, refresh_token: Secret, priority: Priority
     ) -> Refreshed:
         interrupted = stored.refresh_started_at is not None
         # The mark is durable before Pleo sees the refresh token: a crash from here on
@@ -221,7 +227,7 @@ class RefreshSequence:
         marked = stored.evolve(refresh_started_at=self._clock())
         await self._store.save(marked)
         try:
-            new_tokens = await self._call_pleo(refresh_token, urgent=urgent)
+            new_tokens = await self._call_pleo(refresh_token, priority)
         except ReauthorizationRequired as exc:
             self._events.refreshed("invalid_grant")
             reason = INTERRUPTED_REASON if interrupted else exc.detail
@@ -245,10 +251,10 @@ class RefreshSequence:
         assert fresh.tokens is not None  # noqa: S101 - set just above
         return Refreshed(fresh, fresh.tokens, by_us=True)
 
-    async def _call_pleo(self, refresh_token: Secret, *, urgent: bool) -> TokenSet:
+    async def _call_pleo(self, refresh_token: Secret, priority: Priority) -> TokenSet:
         if self._limiter is None:
             return await self._present(refresh_token)
-        async with self._limiter.slot(urgent=urgent):
+        async with self._limiter.slot(priority):
             try:
                 return await self._present(refresh_token)
             except TransientOAuthError as exc:

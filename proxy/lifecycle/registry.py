@@ -2,10 +2,10 @@
 
 Configured connections always exist; any other exists while the store holds an entry
 for it (made by `pleo-proxy connect`, the admin API, an import, or another instance).
-Lookups by name are O(1) in memory. A name not in memory is looked up in the store at
-most once a second, and a poll of the store's change marker (one stat or GET a second)
-brings in connections created, authorised or deleted elsewhere within a second.
-Must not speak HTTP or render pages.
+Lookups by name are O(1) in memory (`cache`); a name not known (`known`) is looked up
+in the store at most once a second. Changes made elsewhere come in within a second, by
+the store's change marker (`watch`); the due times of connections not in memory come
+from a survey of their entries (`survey`). Must not speak HTTP or render pages.
 """
 
 from __future__ import annotations
@@ -23,24 +23,23 @@ from dataclasses import dataclass
 import aiohttp
 
 from proxy.config import Config
-from proxy.errors import StoreError, UnknownConnection
+from proxy.errors import UnknownConnection
+from proxy.lifecycle import survey
+from proxy.lifecycle.cache import ManagerCache
 from proxy.lifecycle.clocks import Clock, steady_clock
 from proxy.lifecycle.exchange import Exchanger
+from proxy.lifecycle.known import KnownConnections
 from proxy.lifecycle.limiter import TokenLimiter
 from proxy.lifecycle.manager import TokenManager
-from proxy.lifecycle.rules import TokenEvents, TokenState, refresh_due, state_of
+from proxy.lifecycle.rules import TokenEvents, TokenState
 from proxy.lifecycle.scheduler import RefreshScheduler
+from proxy.lifecycle.watch import ChangeMarker, every_interval
 from proxy.names import DEFAULT_CONNECTION, is_valid_name
 from proxy.store import ConnectionStores
 from proxy.tokenset import Link, TokenSet
 
 log = logging.getLogger("proxy.connections")
 
-WATCH_INTERVAL = 1.0  # how often the store's change marker is read
-SURVEY_BATCH = 200  # entries read at start-up between pauses...
-SURVEY_PAUSE = 0.05  # ...so that reading 10,000 of them never holds up requests
-MISS_INTERVAL = 1.0  # an unknown name is looked up in the store at most this often
-MAX_MISSES = 10_000  # remembered unknown names; bounded so random names cannot grow memory
 LINK_CODE_BYTES = 32
 
 StateHook = Callable[[str, TokenState, TokenState, str | None], None]
@@ -74,15 +73,6 @@ class IssuedLink:
     code: str
     expires_at: float
     created: bool  # the connection did not exist before
-
-
-def _log_event(message: str, event: str, name: str) -> None:
-    log.info(message, extra={"fields": {"event": event, "connection": name}})
-
-
-def _retrieved(task: asyncio.Future[None]) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 def code_hash(code: str) -> str:
@@ -121,19 +111,16 @@ class Registry:
         self.configured = frozenset(config.connections.names)
         # Every connection that exists (configured, or with an entry in the store); only
         # some are in memory, least recently used first.
-        self._known: set[str] = set(self.configured)
-        self._managers: collections.OrderedDict[str, TokenManager] = collections.OrderedDict()
-        self._states: dict[str, str] = {}  # last known state of every known connection
-        self._subjects: dict[str, str] = {}  # and its Pleo subject, when it has one
-        self._loading: dict[str, asyncio.Future[TokenManager]] = {}
-        self._cache = config.connections.cache
+        self._known = KnownConnections(self.configured)
+        self._memory = ManagerCache(
+            self._start_manager, bound=config.connections.cache, pinned=self.configured
+        )
         self.scheduler = RefreshScheduler(
             self.find, clock=clock, steady=steady, workers=config.refresh.max_concurrent
         )
         self._survey: asyncio.Task[None] | None = None
-        self._misses: dict[str, float] = {}  # name → when last missed, on the steady clock
         self._added: list[AddedHook] = []
-        self._marker = ""
+        self._marker = ChangeMarker(stores)
         self._background = True
         self._watcher: asyncio.Task[None] | None = None
 
@@ -144,17 +131,20 @@ class Registry:
         listed (loaded on first use). With `background`, schedule refreshes and watch."""
         self._background = background
         await self._stores.verify()
-        self._marker = await self._stores.changed()
+        await self._marker.start()
+        # A configured connection that cannot load stops start-up.
         for name in sorted(self.configured):
-            await self._load(name)  # a configured connection that cannot load stops start-up
+            await self._memory.load(name)
         others = sorted(set(await self._stores.names()) - self.configured)
-        self._known.update(others)
+        self._known.add(others)
         if background:
             await self.scheduler.start()
             # Their keep-alive due times, read a few at a time: start-up stays fast and
             # calls Pleo never, yet no idle connection is forgotten.
             self._survey = asyncio.create_task(self._read_due_times(others), name="survey")
-            self._watcher = asyncio.create_task(self._watch(), name="connections-watch")
+            self._watcher = asyncio.create_task(
+                every_interval(self._watch_step), name="connections-watch"
+            )
 
     async def close(self) -> None:
         for task in (self._watcher, self._survey):
@@ -164,53 +154,45 @@ class Registry:
                     await task
         self._watcher = self._survey = None
         await self.scheduler.close()
-        managers, self._managers = list(self._managers.values()), collections.OrderedDict()
-        for manager in managers:
-            await manager.close()
+        await self._memory.close()
 
     def on_added(self, hook: AddedHook) -> None:
         """Call `hook(manager, configured)` for every connection, now and when added."""
         self._added.append(hook)
-        for name, manager in self._managers.items():
-            hook(manager, name in self.configured)
+        for manager in self._memory.values():
+            hook(manager, manager.name in self.configured)
 
     def use_config(self, config: Config) -> None:
         """Timeouts of a reloaded configuration, for every manager."""
         self._config = config
-        for manager in self._managers.values():
+        for manager in self._memory.values():
             manager.use_timeouts(config.timeouts)
 
     # -- lookups ---------------------------------------------------------------------
 
     def get(self, name: str) -> TokenManager | None:
         """The connection's manager if it is in memory (O(1), no I/O)."""
-        manager = self._managers.get(name)
-        if manager is not None:
-            self._managers.move_to_end(name)
-        return manager
+        return self._memory.get(name)
 
     def names(self) -> list[str]:
         """Every connection that exists, in memory or not (O(n log n): not per request)."""
-        return sorted(self._known)
+        return self._known.names()
 
     def __len__(self) -> int:
         return len(self._known)
 
     def implied(self) -> str | None:
-        """The connection a request that names none means, in O(1): `default`, else the
-        only one; None when there are several (or none)."""
-        if DEFAULT_CONNECTION in self._known:
-            return DEFAULT_CONNECTION
-        return next(iter(self._known)) if len(self._known) == 1 else None
+        """The connection a request that names none means (see `KnownConnections`)."""
+        return self._known.implied()
 
     def managers(self) -> list[TokenManager]:
         """The connections in memory."""
-        return [self._managers[name] for name in sorted(self._managers)]
+        return sorted(self._memory.values(), key=lambda manager: manager.name)
 
     def state_counts(self) -> collections.Counter[str]:
         """Connections by their last known state, in memory or not."""
-        states = dict(self._states) | {m.name: m.state.value for m in self._managers.values()}
-        return collections.Counter(states[name] for name in self._known if name in states)
+        in_memory = {m.name: m.state.value for m in self._memory.values()}
+        return self._known.state_counts(in_memory)
 
     async def find(self, name: str) -> TokenManager | None:
         """The connection's manager, from memory or, for a name new to us, the store."""
@@ -220,48 +202,20 @@ class Registry:
         if not is_valid_name(name):
             return None  # callers check first; a bad name must never reach a file path
         if name in self._known:
-            return await self._load(name)
+            return await self._memory.load(name)
         now = self._steady()
-        if now - self._misses.get(name, float("-inf")) < MISS_INTERVAL:
+        if self._known.missed_lately(name, now):
             return None
         if not await self._stores.exists(name):
-            self._remember_miss(name, now)
+            self._known.remember_miss(name, now)
             return None
-        return await self._load(name)
+        return await self._memory.load(name)
 
     async def require(self, name: str) -> TokenManager:
         manager = await self.find(name)
         if manager is None:
             raise UnknownConnection(f"no connection named {name!r}")
         return manager
-
-    def _remember_miss(self, name: str, now: float) -> None:
-        if len(self._misses) >= MAX_MISSES:
-            self._misses.clear()
-        self._misses[name] = now
-
-    async def _load_quietly(self, name: str) -> None:
-        """Load a connection made at run time; one that cannot be read harms no other."""
-        try:
-            await self._load(name)
-        except StoreError as exc:
-            log.error(
-                "connection %s cannot be loaded: %s",
-                name,
-                exc.detail,
-                extra={"fields": {"event": "connection.unreadable", "connection": name}},
-            )
-
-    async def _load(self, name: str) -> TokenManager:
-        """Single-flight: concurrent first uses of one name share one manager."""
-        if name in self._managers:
-            return self._managers[name]
-        pending = self._loading.get(name)
-        if pending is None:
-            pending = asyncio.ensure_future(self._start_manager(name))
-            self._loading[name] = pending
-            pending.add_done_callback(lambda _: self._loading.pop(name, None))
-        return await asyncio.shield(pending)
 
     async def _start_manager(self, name: str) -> TokenManager:
         configured = name in self.configured
@@ -280,55 +234,27 @@ class Registry:
         await manager.start(background=False, verify=False, poll_store=configured)
         if self._background:
             manager.on_due(self._schedule)
-        self._managers[name] = manager
-        self._known.add(name)
-        self._misses.pop(name, None)
+        self._memory.add(manager)
+        self._known.found(name)
         for hook in list(self._added):
             hook(manager, configured)
-        self._evict_over_bound()
+        for evicted in self._memory.evict_over_bound():
+            # The scheduler keeps its due time; it is loaded again when that comes.
+            self._known.note_state(evicted.name, evicted.state.value)
         return manager
 
     def _schedule(self, manager: TokenManager) -> None:
-        self._states[manager.name] = manager.state.value
+        self._known.note_state(manager.name, manager.state.value)
         self.scheduler.schedule(manager.name, manager.next_refresh(self._clock(), jitter=True))
-
-    def _evict_over_bound(self) -> None:
-        """Drop the least recently used idle connections beyond `connections.cache`."""
-        if not self._cache or len(self._managers) <= self._cache:
-            return
-        for name in list(self._managers):
-            if len(self._managers) <= self._cache:
-                return
-            manager = self._managers[name]
-            if name in self.configured or manager.busy:
-                continue
-            del self._managers[name]
-            self._states[name] = manager.state.value
-            # The scheduler keeps its due time; it is loaded again when that comes.
-            task = asyncio.ensure_future(manager.close())
-            task.add_done_callback(_retrieved)
 
     async def _read_due_times(self, names: list[str]) -> None:
         """Schedule the connections not in memory by what their entries say."""
-        for index, name in enumerate(names):
-            if name in self._managers:
-                continue
-            try:
-                stored = await self._stores.store(name).load()
-            except StoreError as exc:
-                log.error("connection %s cannot be read: %s", name, exc.detail)
-                continue
-            if name in self._managers:
-                continue  # loaded meanwhile: its manager schedules itself
-            self._states[name] = state_of(stored).value
-            if stored is not None and stored.subject:
-                self._subjects[name] = stored.subject
-            due = refresh_due(
-                stored, self._config.refresh, now=self._clock(), last_used=-1e18, jitter=True
-            )
-            self.scheduler.schedule(name, due)
-            if index % SURVEY_BATCH == SURVEY_BATCH - 1:
-                await asyncio.sleep(SURVEY_PAUSE)
+        entries = survey.read_entries(self._stores, names, skip=self._memory.__contains__)
+        async with contextlib.aclosing(entries):
+            async for name, stored in entries:
+                self._known.note_entry(name, stored)
+                due = survey.unused_due(stored, self._config.refresh, now=self._clock())
+                self.scheduler.schedule(name, due)
 
     # -- changes ---------------------------------------------------------------------
 
@@ -337,9 +263,9 @@ class Registry:
         manager = await self.find(name)
         if manager is not None:
             return manager, False
-        manager = await self._load(name)
+        manager = await self._memory.load(name)
         await manager.logout(keep_entry=True)
-        self._known.add(name)
+        self._known.found(name)
         await self._stores.touch()
         log.info(
             "connection created",
@@ -367,7 +293,7 @@ class Registry:
     ) -> TokenManager:
         """Persist a new grant for `name` (created if new) and tell other processes
         (`notify=False` for all but the last of a bulk import)."""
-        manager = await self.find(name) or await self._load(name)
+        manager = await self.find(name) or await self._memory.load(name)
         twins = self._same_subject(name, subject)
         if twins:
             log.warning(
@@ -385,10 +311,12 @@ class Registry:
     def _same_subject(self, name: str, subject: str | None) -> list[str]:
         if subject is None:
             return []
-        for manager in self._managers.values():
-            if manager.stored is not None and manager.stored.subject:
-                self._subjects[manager.name] = manager.stored.subject
-        return sorted(n for n, s in self._subjects.items() if s == subject and n != name)
+        in_memory = {
+            m.name: m.stored.subject
+            for m in self._memory.values()
+            if m.stored is not None and m.stored.subject
+        }
+        return self._known.same_subject(name, subject, in_memory)
 
     async def logout(self, name: str) -> None:
         manager = await self.require(name)
@@ -411,7 +339,7 @@ class Registry:
 
     async def _drop(self, name: str) -> None:
         """Stop serving a connection whose entry is gone (configured ones stay, unauthorised)."""
-        manager = self._managers.get(name)
+        manager = self._memory.peek(name)
         if manager is None:
             if name not in self.configured:
                 self._forget_name(name)
@@ -419,46 +347,37 @@ class Registry:
         if name in self.configured:
             await manager.reload()
             return
-        del self._managers[name]
+        self._memory.pop(name)
         self._forget_name(name)
         await manager.close()
 
     def _forget_name(self, name: str) -> None:
-        self._known.discard(name)
-        self._states.pop(name, None)
-        self._subjects.pop(name, None)
+        self._known.forget(name)
         self.scheduler.schedule(name, None)
 
     # -- watching the store ----------------------------------------------------------
 
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(WATCH_INTERVAL)
-            try:
-                await self.sync()
-                await self._poll_configured()
-            except StoreError as exc:
-                log.warning("could not check the store for changed connections: %s", exc.detail)
+    async def _watch_step(self) -> None:
+        await self.sync()
+        await self._poll_configured()
 
     async def _poll_configured(self) -> None:
         """Configured connections without tokens re-read their entry each second, as the
         single connection always did (tokens may be written without the change marker)."""
         for name in self.configured:
-            manager = self._managers.get(name)
+            manager = self._memory.peek(name)
             if manager is not None and manager.tokens is None:
                 await manager.reread_if_due()
 
     async def sync(self) -> None:
         """If the store changed: add new connections, drop deleted ones, pick up tokens."""
-        marker = await self._stores.changed()
-        if marker == self._marker:
+        present = await self._marker.names_if_changed()
+        if present is None:
             return
-        self._marker = marker
-        present = set(await self._stores.names())
-        new = sorted(present - self._known)
-        self._known.update(new)
-        for name in sorted(self._known - present):
-            manager = self._managers.get(name)
+        new = sorted(name for name in present if name not in self._known)
+        self._known.add(new)
+        for name in self._known.missing_from(present):
+            manager = self._memory.peek(name)
             # A configured connection stays; it only forgets tokens deleted elsewhere.
             if name not in self.configured or (manager is not None and manager.stored):
                 await self._drop(name)

@@ -5,7 +5,8 @@ helper's settings (the only frame that holds a secret: the client secret, the st
 source); then each request names a connection and a `Wanted` (tokens by digest only),
 and each answer carries the outcome of one `RefreshSequence` run, the state it left in
 the store, what the helper keeps to write later (`Pending`), and the events to count.
-A `discard` frame tells the helper to drop what it keeps for a connection (a logout).
+A `discard` frame tells the helper to drop what it keeps for a connection (a logout), a
+`promote` frame that a request now waits for a refresh asked for in the background.
 Must not do I/O beyond the two streams, nor log.
 """
 
@@ -335,6 +336,18 @@ def answer_doc(
 def discard_doc(name: str) -> dict[str, Any]:
     """Drop what is kept for `name`: a refresh result never outlives a logout."""
     return {"op": "discard", "name": name}
+
+
+def promote_doc(request_id: int) -> dict[str, Any]:
+    """Rank request `request_id` as urgent from now on (a request came to wait for it)."""
+    return {"op": "promote", "id": request_id}
+
+
+def parse_promote(doc: dict[str, Any]) -> int:
+    try:
+        return int(doc["id"])
+    except (KeyError, TypeError, ValueError):
+        raise WireError("a promote frame is malformed") from None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -24,12 +25,15 @@ import pytest
 from proxy.config import Config, load_config
 from proxy.errors import ReauthorizationRequired, StoreError
 from proxy.lifecycle.exchange import Exchanger
-from proxy.lifecycle.manager import INTERRUPTED_REASON, TokenManager, TokenState, bearer
-from proxy.lifecycle.rules import TokenEvents
+from proxy.lifecycle.manager import TokenManager
+from proxy.lifecycle.rules import INTERRUPTED_REASON, TokenEvents, TokenState, bearer
+from proxy.store import open_stores
 from proxy.store.crypto import format_key, generate_key
 from proxy.store.file import FileStore
 from proxy.tokenset import StoredState, TokenSet
+from tests.connections import wait_until
 from tests.flows import grant_tokens, sandbox_config
+from tests.lifecycle.test_manager import marked, minted
 from tests.processes import PLEO_PROXY, children, free_port, import_tokens, wait_for, write_config
 from tests.sandboxes import RunningSandbox, get_stats, sandbox, set_knobs
 from tests.test_faults import file_size_limit
@@ -303,3 +307,45 @@ async def test_a_result_the_helper_keeps_never_outlives_a_deletion(
     assert await FileStore.from_config(config).load() is None  # still deleted
     stats = await get_stats(sandbox.url)
     assert (stats["refresh_grants"], stats["reuse_detected"]) == (1, 0)
+
+
+async def test_a_request_joining_a_refresh_queued_in_the_helper_goes_first(
+    sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    """As without a helper: the helper's limiter hears that a request joined a queued
+    background refresh, and lets it go before the other connections' ones."""
+    config = sandbox_config(sandbox.url, tmp_path)
+    config = replace(config, refresh=replace(config.refresh, max_concurrent=1))
+    await set_knobs(sandbox.url, token_latency=0.1)  # the helper's queue drains in ~3 s
+    names = [f"c{index:02d}" for index in range(30)]
+    exchanger = Exchanger(config)
+    stores = open_stores(config)
+    async with aiohttp.ClientSession() as session:
+        managers = [
+            TokenManager(config, stores.store(name), session, name=name, exchanger=exchanger)
+            for name in names
+        ]
+        try:
+            assert await exchanger.ready()
+            for manager, tokens in zip(managers, await minted(sandbox, len(names)), strict=True):
+                await manager.start(background=False, verify=False)
+                await manager.install(tokens)
+            *others, target = managers
+            queued = [asyncio.create_task(m.refresh_in_background()) for m in others]
+            await wait_until(lambda: marked(stores, names[:-1]))
+            joined = asyncio.create_task(target.refresh_in_background())
+            await wait_until(lambda: marked(stores, names[-1:]))
+            done_before = sum(task.done() for task in queued)
+            await asyncio.wait_for(target.authorization(), 10)
+            done_after = sum(task.done() for task in queued)
+            assert done_after - done_before <= 3, (done_before, done_after)
+            results = await asyncio.wait_for(asyncio.gather(*queued, joined), 30)
+            assert all(results)
+        finally:
+            for manager in managers:
+                await manager.close()
+            await exchanger.close()
+            await stores.close()
+    stats = await get_stats(sandbox.url)
+    assert (stats["refresh_grants"], stats["reuse_detected"]) == (len(names), 0)
+    assert stats["token_in_flight_max"] == 1

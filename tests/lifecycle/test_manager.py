@@ -15,17 +15,21 @@ import pytest
 from proxy.config import Config, Refresh
 from proxy.errors import ClientRejected, ReauthorizationRequired
 from proxy.lifecycle.clocks import steady_clock
-from proxy.lifecycle.manager import (
+from proxy.lifecycle.limiter import TokenLimiter
+from proxy.lifecycle.manager import TokenManager
+from proxy.lifecycle.oauth import parse_token_response
+from proxy.lifecycle.rules import (
     INTERRUPTED_REASON,
-    TokenManager,
     TokenState,
     backoff_delay,
     bearer,
     refresh_margin,
 )
 from proxy.secret import Secret
+from proxy.store import ConnectionStores, open_stores
 from proxy.store.file import FileStore
 from proxy.tokenset import TokenSet
+from tests.connections import wait_until
 from tests.flows import grant_tokens, sandbox_config
 from tests.sandboxes import RunningSandbox, get_stats, sandbox, set_knobs
 
@@ -322,3 +326,70 @@ async def test_logout_deletes_local_tokens(sandbox: RunningSandbox, tmp_path: Pa
 async def aiohttp_post(url: str) -> None:
     async with aiohttp.ClientSession() as session, session.post(url) as resp:
         assert resp.status == 200
+
+
+async def minted(sandbox: RunningSandbox, count: int) -> list[TokenSet]:
+    """`count` grants, their access tokens already expired here (Pleo does not mind)."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{sandbox.url}/_sandbox/mint", json={"count": count, "ttl_min": 60, "ttl_max": 60}
+        ) as resp,
+    ):
+        grants = (await resp.json())["grants"]
+    past = time.time() - 3600
+    return [parse_token_response(g, now=past, requested_scopes=()) for g in grants]
+
+
+async def marked(stores: ConnectionStores, names: list[str]) -> bool:
+    """Each connection's refresh is past its mark: at the limiter, or done."""
+    for name in names:
+        stored = await stores.store(name).load()
+        if stored is None or (stored.refresh_started_at is None and not stored.refresh_count):
+            return False
+    return True
+
+
+async def test_a_request_joining_a_queued_background_refresh_is_not_queued_behind_the_others(
+    sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    """A refresh storm: background refreshes of many connections wait at the limiter (one
+    slow call at a time). A request for the last one queued joins its refresh, and is
+    answered long before the queue drains."""
+    config = sandbox_config(sandbox.url, tmp_path)
+    await set_knobs(sandbox.url, token_latency=0.1)  # the queue drains in ~3 s
+    names = [f"c{index:02d}" for index in range(30)]
+    limiter = TokenLimiter(1)
+    stores = open_stores(config)
+    async with aiohttp.ClientSession() as session:
+        managers = [
+            TokenManager(config, stores.store(name), session, name=name, limiter=limiter)
+            for name in names
+        ]
+        try:
+            for manager, tokens in zip(managers, await minted(sandbox, len(names)), strict=True):
+                await manager.start(background=False, verify=False)
+                await manager.install(tokens)
+            *others, target = managers
+            queued = [asyncio.create_task(m.refresh_in_background()) for m in others]
+            await wait_until(lambda: marked(stores, names[:-1]))
+            joined = asyncio.create_task(target.refresh_in_background())
+            await wait_until(lambda: marked(stores, names[-1:]))
+            done_before = sum(task.done() for task in queued)
+            header = await asyncio.wait_for(target.authorization(), 10)
+            done_after = sum(task.done() for task in queued)
+            assert target.tokens is not None
+            assert header == bearer(target.tokens)
+            # The call in flight ends, then this one goes: not the ~25 still queued first.
+            assert done_after - done_before <= 3, (done_before, done_after)
+            assert done_after < len(others) // 2, "answered before the queue drained"
+            results = await asyncio.wait_for(asyncio.gather(*queued, joined), 30)
+            assert all(results)
+        finally:
+            for manager in managers:
+                await manager.close()
+            await stores.close()
+    stats = await get_stats(sandbox.url)
+    assert stats["refresh_grants"] == len(names), "the request shared the background refresh"
+    assert stats["reuse_detected"] == 0
+    assert stats["token_in_flight_max"] == 1

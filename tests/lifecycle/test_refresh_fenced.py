@@ -18,8 +18,8 @@ import redis.asyncio as aioredis
 
 from proxy.config import Config
 from proxy.errors import ReauthorizationRequired, TransientOAuthError
-from proxy.lifecycle.manager import INTERRUPTED_REASON, TokenManager, TokenState, bearer
-from proxy.lifecycle.rules import TokenEvents
+from proxy.lifecycle.manager import TokenManager
+from proxy.lifecycle.rules import INTERRUPTED_REASON, TokenEvents, TokenState, bearer
 from proxy.secret import Secret
 from proxy.store.redis import RedisStore
 from proxy.tokenset import StoredState, TokenSet

@@ -16,7 +16,8 @@ import pytest
 from proxy.config import Config, Connections, ConnectionSpec
 from proxy.errors import StoreError
 from proxy.lifecycle.clocks import steady_clock
-from proxy.lifecycle.registry import MISS_INTERVAL, Registry
+from proxy.lifecycle.known import MISS_INTERVAL
+from proxy.lifecycle.registry import Registry
 from proxy.lifecycle.rules import TokenState
 from proxy.store import open_stores
 from tests.flows import grant_tokens, sandbox_config

@@ -209,3 +209,9 @@ def test_an_unknown_outcome_is_a_wire_error() -> None:
         wire.outcome({"kind": "exploded"})
     with pytest.raises(wire.WireError):
         wire.parse_answer({"id": 1})
+
+
+def test_a_promotion_names_the_request_and_a_broken_one_is_a_wire_error() -> None:
+    assert wire.parse_promote(wire.promote_doc(7)) == 7
+    with pytest.raises(wire.WireError):
+        wire.parse_promote({"op": "promote", "id": "seven"})
