@@ -340,6 +340,45 @@ async def measure_small(
     )
 
 
+POST_BYTES = 1 * MIB
+POST_CONNECTIONS = 8
+
+
+async def _post_worker(
+    session: aiohttp.ClientSession, url: str, deadline: float, body: bytes, done: list[float]
+) -> None:
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        async with session.post(url, data=body) as response:
+            answer = await response.json()
+        if response.status != 200 or answer.get("received") != len(body):
+            raise RuntimeError(f"POST {url}: status {response.status}, answer {answer}")
+        done.append(time.perf_counter() - started)
+
+
+async def measure_posts(base: str, seconds: float) -> Latency:
+    """1 MiB POSTs (a Content-Length: kept whole by the proxy, so replayable) over
+    POST_CONNECTIONS keep-alive connections."""
+    body = b"\0" * POST_BYTES
+    connector = aiohttp.TCPConnector(limit=POST_CONNECTIONS)
+    done: list[float] = []
+    async with aiohttp.ClientSession(connector=connector) as session:
+        started = time.perf_counter()
+        deadline = started + seconds
+        workers = [
+            _post_worker(session, f"{base}/upload", deadline, body, done)
+            for _ in range(POST_CONNECTIONS)
+        ]
+        await asyncio.gather(*workers)
+        elapsed = time.perf_counter() - started
+    done.sort()
+    return Latency(
+        rps=len(done) / elapsed,
+        p50_ms=statistics.median(done) * 1000,
+        p99_ms=percentile(done, 0.99) * 1000,
+    )
+
+
 def reset_peak_rss(pid: int) -> None:
     """Linux: writing 5 to clear_refs resets VmHWM, so each transfer has its own peak."""
     with contextlib.suppress(OSError):
@@ -436,6 +475,15 @@ async def slow_rows(servers: dict[str, Server], seconds: float) -> list[Row]:
     ]
 
 
+async def post_rows(servers: dict[str, Server], seconds: float) -> list[Row]:
+    results = {name: await measure_posts(servers[name].url, seconds) for name in TARGETS}
+    label = f"POST {POST_BYTES // MIB} MiB, {POST_CONNECTIONS} conn"
+    return [
+        (f"{label}: req/s", {n: r.rps for n, r in results.items()}),
+        (f"{label}: p50 ms", {n: r.p50_ms for n, r in results.items()}),
+    ]
+
+
 async def transfer_rows(servers: dict[str, Server], size: int, *, upload: bool) -> list[Row]:
     results = {
         name: await measure_transfer(servers[name], size, upload_direction=upload)
@@ -454,6 +502,7 @@ async def run_all(settings: Settings) -> list[Row]:
             rows = await small_rows(servers, 1, settings.seconds)
             rows += await small_rows(servers, 64, settings.seconds)
             rows += await slow_rows(servers, settings.seconds)
+            rows += await post_rows(servers, settings.seconds)
             rows += await transfer_rows(servers, settings.download_bytes, upload=False)
             rows += await transfer_rows(servers, settings.upload_bytes, upload=True)
             return rows

@@ -24,24 +24,39 @@ LARGE_BYTES_BODY = 1024 * 1024
 
 @dataclass(frozen=True)
 class Body:
-    """The request body as it will be sent: kept whole (replayable) or streamed once."""
+    """The request body as it will be sent: kept whole (replayable) or streamed once.
 
-    data: bytes | None = None
+    A kept body stays in the pieces it arrived in: joining them would copy up to
+    `replay_body_limit` per request for nothing (the pool sends the pieces as they are).
+    """
+
+    parts: tuple[bytes, ...] | None = None  # kept whole (() for an empty body); None: none
     stream: AsyncIterator[bytes] | None = None
 
     @property
     def replayable(self) -> bool:
         return self.stream is None
 
+    @property
+    def size(self) -> int | None:
+        """The kept body's length; None when there is no kept body."""
+        return None if self.parts is None else sum(len(part) for part in self.parts)
+
+    @property
+    def data(self) -> bytes | None:
+        """The kept body in one piece (a copy: for aiohttp's client only)."""
+        return None if self.parts is None else b"".join(self.parts)
+
     def payload(self) -> bytes | io.BytesIO | AsyncIterator[bytes] | None:
         """What aiohttp sends; a fresh object per call, so a kept body can be sent twice."""
         if self.stream is not None:
             return self.stream
-        if self.data is not None and len(self.data) > LARGE_BYTES_BODY:
+        data = self.data
+        if data is not None and len(data) > LARGE_BYTES_BODY:
             # aiohttp warns about (and writes in one go) large raw bytes; BytesIO is
             # written in chunks and shares the buffer rather than copying it.
-            return io.BytesIO(self.data)
-        return self.data
+            return io.BytesIO(data)
+        return data
 
 
 async def defer_continue(request: web.Request) -> web.StreamResponse | None:
@@ -76,7 +91,9 @@ async def _read_chunk(stream: aiohttp.StreamReader, size: int, stall_after: floa
         ) from None
 
 
-async def _read_up_to(stream: aiohttp.StreamReader, limit: int, stall_after: float) -> bytes:
+async def _read_up_to(
+    stream: aiohttp.StreamReader, limit: int, stall_after: float
+) -> tuple[bytes, ...]:
     parts: list[bytes] = []
     size = 0
     while size < limit:
@@ -85,14 +102,14 @@ async def _read_up_to(stream: aiohttp.StreamReader, limit: int, stall_after: flo
             break
         parts.append(chunk)
         size += len(chunk)
-    return b"".join(parts)
+    return tuple(parts)
 
 
 async def _relay_stream(
-    prefix: bytes, stream: aiohttp.StreamReader, stall_after: float
+    prefix: tuple[bytes, ...], stream: aiohttp.StreamReader, stall_after: float
 ) -> AsyncIterator[bytes]:
-    if prefix:
-        yield prefix
+    for part in prefix:
+        yield part
     # Whatever has arrived, as it is: re-cutting into exact sizes halved upload
     # throughput (bench/README.md); the reader's buffer limit still bounds memory.
     while chunk := await _read_chunk(stream, 0, stall_after):
@@ -109,11 +126,11 @@ async def read_body(request: web.Request, limit: int, *, stall_after: float) -> 
     await _send_continue(request)
     length = request.content_length
     if length is not None and length <= limit:
-        return Body(data=await _read_up_to(request.content, length, stall_after))
+        return Body(parts=await _read_up_to(request.content, length, stall_after))
     if length is not None:
-        return Body(stream=_relay_stream(b"", request.content, stall_after))
+        return Body(stream=_relay_stream((), request.content, stall_after))
     # Unknown length (chunked): read one byte past the limit to learn which case it is.
     prefix = await _read_up_to(request.content, limit + 1, stall_after)
-    if len(prefix) <= limit:
-        return Body(data=prefix)
+    if sum(len(part) for part in prefix) <= limit:
+        return Body(parts=prefix)
     return Body(stream=_relay_stream(prefix, request.content, stall_after))

@@ -161,8 +161,9 @@ class UpstreamPool:
     def _framed(self, method: str, headers: CIMultiDict[str], body: Body) -> CIMultiDict[str]:
         wire: CIMultiDict[str] = CIMultiDict(Host=self._host_header)
         wire.extend(headers)
-        if body.data is not None:
-            wire["Content-Length"] = str(len(body.data))
+        size = body.size
+        if size is not None:
+            wire["Content-Length"] = str(size)
         elif body.stream is not None:
             if "Content-Length" not in wire:
                 wire["Transfer-Encoding"] = "chunked"
@@ -192,12 +193,12 @@ class UpstreamPool:
             writer.enable_chunking()
         await writer.write_headers(f"{method} {url.raw_path_qs} HTTP/1.1", wire)
         upload: asyncio.Task[None] | None = None
-        data = body.data or b""
-        if body.stream is None and len(data) <= INLINE_BODY_BYTES:
-            await writer.write_eof(data)  # headers and body in one write
+        parts = body.parts or ()
+        if body.stream is None and sum(len(part) for part in parts) <= INLINE_BODY_BYTES:
+            await writer.write_eof(b"".join(parts))  # head and a small body in one write
             protocol.start_timeout()
         else:
-            chunks = _pieces(data) if body.stream is None else body.stream
+            chunks = _each(parts) if body.stream is None else body.stream
             upload = asyncio.create_task(_upload(writer, protocol, chunks))
         try:
             # Interim 1xx answers (but a 101) are skipped: the final one is relayed.
@@ -252,16 +253,15 @@ class UpstreamPool:
             self._prune_handle = loop.call_later(wait, self._prune)
 
 
-async def _pieces(data: bytes) -> AsyncIterator[memoryview]:
-    view = memoryview(data)  # slices share the kept body: a replay sends it again, uncopied
-    for start in range(0, len(view), READ_BUFSIZE):
-        yield view[start : start + READ_BUFSIZE]
+async def _each(parts: tuple[bytes, ...]) -> AsyncIterator[bytes]:
+    for part in parts:  # shared with a replay, which sends them again: never consumed
+        yield part
 
 
 async def _upload(
     writer: StreamWriter,
     protocol: ResponseHandler,
-    chunks: AsyncIterator[bytes] | AsyncIterator[memoryview],
+    chunks: AsyncIterator[bytes],
 ) -> None:
     """The body, beside the read of the answer; a failure reaches that read."""
     try:
