@@ -1,9 +1,9 @@
 """One connection's encrypted token file: sealed state, atomic fsync'd writes, `flock` lock.
 
 Owns the layout beside one token file (`<path>.lock`, temp files, reading `<key_file>.old`
-during a key rotation); every connection's files and key rotation are files.py's. Blocking
-file calls run in a worker thread. Must not decide when to refresh, touch the network, or
-put file contents in a message.
+during a key rotation, reading the record of old-format entries); every connection's files,
+writing that record and key rotation are files.py's. Blocking file calls run in a worker
+thread. Must not decide when to refresh, touch the network, or put file contents in a message.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from proxy.errors import LockTimeout, StoreError
+from proxy.names import DEFAULT_CONNECTION
 from proxy.store.crypto import (
     check_envelope,
     fsync_dir,
+    is_legacy,
     key_source,
     load_key,
     open_sealed,
@@ -30,6 +32,7 @@ from proxy.store.crypto import (
     seal,
     write_private,
 )
+from proxy.store.legacy import Manifest, check_legacy, open_manifest
 from proxy.tokenset import StoredState, state_from_json, state_to_json
 
 if TYPE_CHECKING:
@@ -37,6 +40,10 @@ if TYPE_CHECKING:
 
 LOCK_POLL_MIN = 0.01
 LOCK_POLL_MAX = 0.05
+# Beside `tokens.path`: the connections' entries, and in it the record of the old-format
+# entries found at the upgrade (files.py writes it; every store of the directory reads it).
+CONNECTIONS_DIR = "connections"
+MANIFEST_FILE = ".legacy-entries"
 
 
 class FileBackend:
@@ -54,12 +61,15 @@ class FileBackend:
         key: bytes | None = None,
         *,
         key_file: Path,
+        manifest: Path,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.key_file = key_file
+        self.manifest_path = manifest
         self.closed = False
         self._key = key
         self._environ = environ
+        self._manifest: Manifest | None = None
 
     def keys(self, *, create: bool) -> list[bytes]:
         """The key to seal with first, then any older key still accepted for opening."""
@@ -71,6 +81,22 @@ class FileBackend:
             with suppress(FileNotFoundError):
                 keys.append(read_key_file(old_key_path(self.key_file)))
         return keys
+
+    def manifest(self) -> Manifest | None:
+        """The record of old-format entries, None if there is none. Blocking.
+
+        Kept once read: it is written once (a rotation writes one that allows less).
+        """
+        if self._manifest is None:
+            blob = read_file(self.manifest_path, what="the record of old-format entries")
+            if blob is not None:
+                what = f"the record of old-format entries {self.manifest_path}"
+                self._manifest = open_manifest(blob, self.keys(create=False), what=what)
+        return self._manifest
+
+    def forget_manifest(self) -> None:
+        """Read the record again at its next use (it was just rewritten)."""
+        self._manifest = None
 
 
 class FileStore:
@@ -84,21 +110,26 @@ class FileStore:
         key_file: Path,
         environ: Mapping[str, str] | None = None,
     ) -> None:
-        self._bind(path, FileBackend(key, key_file=key_file, environ=environ), owner=True)
+        """The `default` connection's store at `path` (`tokens.path`), as before connections."""
+        manifest = manifest_path(path)
+        backend = FileBackend(key, key_file=key_file, manifest=manifest, environ=environ)
+        self._bind(path, backend, name=DEFAULT_CONNECTION, owner=True)
 
     @classmethod
     def from_config(cls, config: Config) -> FileStore:
         return cls(config.tokens.path, key_file=config.tokens.key_file)
 
     @classmethod
-    def sharing(cls, path: Path, backend: FileBackend) -> FileStore:
-        """A store for `path` on a shared `backend`: its owner closes that, not this close()."""
+    def sharing(cls, path: Path, backend: FileBackend, *, name: str) -> FileStore:
+        """Connection `name`'s store at `path` on a shared `backend`: its owner closes that,
+        not this close()."""
         store = cls.__new__(cls)
-        store._bind(path, backend, owner=False)
+        store._bind(path, backend, name=name, owner=False)
         return store
 
-    def _bind(self, path: Path, backend: FileBackend, *, owner: bool) -> None:
+    def _bind(self, path: Path, backend: FileBackend, *, name: str, owner: bool) -> None:
         self._path = path
+        self._name = name
         self._lock_path = path.with_name(f"{path.name}.lock")
         self._backend = backend
         self._owner = owner
@@ -107,6 +138,11 @@ class FileStore:
     @property
     def path(self) -> Path:
         return self._path
+
+    @property
+    def name(self) -> str:
+        """The connection whose entry this is: what its file is sealed as."""
+        return self._name
 
     @property
     def mark_grace(self) -> None:
@@ -155,16 +191,20 @@ class FileStore:
         """Re-seal the stored state (if any) under `key`. Blocking; the caller holds the lock."""
         state = self._load_sync()
         if state is not None:
-            write_atomic(self._path, seal(state_to_json(state), key))
+            write_atomic(self._path, seal(state_to_json(state), key, name=self._name))
 
     def _load_sync(self) -> StoredState | None:
-        blob = _read(self._path)
+        blob = read_file(self._path)
         if blob is None:
             return None
         what = f"token file {self._path}"
         # The envelope first: a foreign file is reported as such, not as a missing key.
         check_envelope(blob, what=what)
-        plaintext = open_sealed(blob, self._backend.keys(create=False), what=what)
+        legacy = is_legacy(blob)
+        if legacy:
+            check_legacy(self._backend.manifest(), self._name, blob, what=what)
+        keys = self._backend.keys(create=False)
+        plaintext = open_sealed(blob, keys, name=self._name, what=what, legacy=legacy)
         try:
             return state_from_json(plaintext)
         except ValueError as exc:
@@ -173,7 +213,7 @@ class FileStore:
 
     def _save_sync(self, state: StoredState) -> None:
         key = self._backend.keys(create=True)[0]
-        write_atomic(self._path, seal(state_to_json(state), key))
+        write_atomic(self._path, seal(state_to_json(state), key, name=self._name))
 
     def _verify_sync(self) -> None:
         check_writable(self._path.parent)
@@ -232,6 +272,11 @@ class FileStore:
             await asyncio.sleep(random.uniform(LOCK_POLL_MIN, LOCK_POLL_MAX))  # noqa: S311
 
 
+def manifest_path(default_path: Path) -> Path:
+    """Where the record of old-format entries of `default_path`'s directory lives."""
+    return default_path.parent / CONNECTIONS_DIR / MANIFEST_FILE
+
+
 def old_key_path(key_file: Path) -> Path:
     """Where the previous key is kept while a rotation re-seals the token files."""
     return key_file.with_name(f"{key_file.name}.old")
@@ -280,13 +325,14 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise StoreError(f"cannot write {path}: {_reason(exc)}") from None
 
 
-def _read(path: Path) -> bytes | None:
+def read_file(path: Path, *, what: str = "token file") -> bytes | None:
+    """The bytes at `path`, None if it does not exist; StoreError naming `what` otherwise."""
     try:
         return path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise StoreError(f"cannot read token file {path}: {_reason(exc)}") from None
+        raise StoreError(f"cannot read {what} {path}: {_reason(exc)}") from None
 
 
 def remove(path: Path) -> None:

@@ -1,9 +1,10 @@
 """Token state in Redis, shared by several proxy instances, and the distributed refresh lock.
 
 Owns the key layout (`pleo-proxy:<app id>:state|lock|version` for `default`,
-`…:c:NAME:state|lock|version` for connection NAME, `…:connections|changes|probe:*`), the
-index and change marker, and when the lock is taken. The lock and fencing scripts are
-redislock.py's; the client and the mapping of redis-py errors are redisclient.py's.
+`…:c:NAME:state|lock|version` for connection NAME, `…:connections|changes|probe:*`,
+`…:legacy-entries`), the index, the change marker, when the record of old-format entries
+(legacy.py) is written, and when the lock is taken. The lock and fencing scripts are
+redislock.py's; the client, the record and the mapping of redis-py errors redisclient.py's.
 Must not decide when to refresh, catch redis-py exceptions itself, touch files other
 than the key file, or put a value, a token or a Redis password in a message.
 
@@ -54,6 +55,7 @@ LOCK_POLL_MAX = 0.05
 # Beside `<prefix>state|lock|version` (default) and `<prefix>c:NAME:state|lock|version`.
 INDEX = "connections"
 MARKER = "changes"
+LEGACY = "legacy-entries"
 # A mark another holder left is that holder's to complete for this many lock TTLs.
 MARK_GRACE_TTLS = 2
 
@@ -126,7 +128,9 @@ class RedisStore:
         self, backend: RedisBackend, prefix: str, *, name: str = DEFAULT_CONNECTION, owner: bool
     ) -> None:
         self._backend = backend
+        self._name = name
         self._keys = entry_keys(prefix, name)
+        self._manifest_key = f"{prefix}{LEGACY}"
         self._what = WHAT if name == DEFAULT_CONNECTION else f"{WHAT} for connection {name}"
         self._probe_prefix = f"{prefix}probe:"
         self._owner = owner
@@ -158,11 +162,14 @@ class RedisStore:
             lease.version = int(version or 0)
         if blob is None:
             return None
-        return await self._backend.open(_bytes(blob), what=self._what)
+        return await self._backend.open(
+            _bytes(blob), name=self._name, manifest=self._manifest_key, what=self._what
+        )
 
     async def save(self, state: StoredState) -> None:
         self._check_open()
-        blob = seal(state_to_json(state), await self._backend.resolve_key(create=True))
+        key = await self._backend.resolve_key(create=True)
+        blob = seal(state_to_json(state), key, name=self._name)
         # One script sets the value, adds the name to the index and bumps the version;
         # its reply is Redis's acknowledgement (the module docstring says what that means
         # on disk). Under a lock it is fenced: FencedOut, and nothing written, otherwise.
@@ -193,10 +200,7 @@ class RedisStore:
 
     async def verify(self) -> None:
         self._check_open()
-        state = self._keys.state
-        await self._backend.check(
-            self._probe_prefix, lambda: self._backend.get(state), what=self._what
-        )
+        await self._backend.check(self._probe_prefix, self.load)
 
     async def close(self) -> None:
         if self._closed:
@@ -345,13 +349,24 @@ class RedisStores:
             await self.store(name)._forget(counter=self._marker_key)
 
     async def verify(self) -> None:
-        """PING, a probe write, and the `default` entry (if any) opens with the key.
+        """The old-format entries recorded if they never were (legacy.py); PING, a probe
+        write, and the `default` entry (if any) opens with the key.
 
         Only `default`'s, as before connections: a damaged entry of a connection made at
         run time fails that connection when it is used, never the start-up of the others.
         """
         self._check_open()
+        await self._record_legacy()
         await self.store(DEFAULT_CONNECTION).verify()
+
+    async def _record_legacy(self) -> None:
+        record_key = f"{self._prefix}{LEGACY}"
+        with self._backend.mapped("read the record of old-format entries"):
+            if await self._backend.client.exists(record_key):
+                return  # every start after the first: one EXISTS
+        names = await self.names()
+        entries = {name: entry_keys(self._prefix, name).state for name in names}
+        await self._backend.record_legacy(record_key, entries)
 
     async def close(self) -> None:
         await self._backend.close()
