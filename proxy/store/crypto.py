@@ -1,9 +1,8 @@
 """Sealing token state at rest (AES-256-GCM in a versioned envelope) and loading the key.
 
 Owns the envelope formats, key ids, and where the key comes from (environment, systemd
-credential, key file created 0600). Must not log, decide which old-format entries may
-open (legacy.py does), or do I/O other than reading or creating the key file; no message
-ever contains a key or plaintext.
+credential, key file created 0600). Must not log, or do I/O other than reading or creating
+the key file; no message ever contains a key or plaintext.
 """
 
 from __future__ import annotations
@@ -26,6 +25,8 @@ KID_BYTES = 8
 # format and its version; a new format gets a new magic, never a reinterpreted one.
 # PLEOPX2 binds the entry's name (the connection's) in the associated data; PLEOPX1 did
 # not, so one connection's entry copied over another's opened there as if it were its.
+# Every write is PLEOPX2; PLEOPX1 still opens (under any name) until its next write, or
+# until a key rotation retires the key it was sealed under (SECURITY.md, threat 5).
 MAGIC = b"PLEOPX2\n"
 LEGACY_MAGIC = b"PLEOPX1\n"
 MAGIC_FAMILY = b"PLEOPX"
@@ -82,14 +83,13 @@ def open_sealed(
     *,
     name: str,
     what: str = "token file",
-    legacy: bool = False,
 ) -> bytes:
     """The plaintext of `blob` sealed as the entry `name`, opened with whichever of `keys`
     sealed it; else StoreError.
 
     `what` names the thing in messages ("token file", "token value in Redis"). A PLEOPX1
-    blob (no name bound) opens only with `legacy` true: the caller has checked, with
-    legacy.py, that it is the old-format entry recorded for `name`.
+    blob binds no name: it opens under whatever `name` it is found (as every released
+    version read it), so that no grant is lost in an upgrade, rolling or not.
     """
     # Imported here for the reason given in seal().
     from cryptography.exceptions import InvalidTag
@@ -97,10 +97,6 @@ def open_sealed(
 
     check_envelope(blob, what=what)
     magic = blob[: len(MAGIC)]
-    if magic == LEGACY_MAGIC and not legacy:
-        raise StoreError(
-            f"{what} is in the old format (PLEOPX1), which is not bound to connection {name}"
-        )
     kid = blob[len(MAGIC) : len(MAGIC) + KID_BYTES]
     nonce = blob[len(MAGIC) + KID_BYTES : HEADER_BYTES]
     key = _key_for(kid, keys)

@@ -1,9 +1,9 @@
 """One connection's encrypted token file: sealed state, atomic fsync'd writes, `flock` lock.
 
 Owns the layout beside one token file (`<path>.lock`, temp files, reading `<key_file>.old`
-during a key rotation, reading the record of old-format entries); every connection's files,
-writing that record and key rotation are files.py's. Blocking file calls run in a worker
-thread. Must not decide when to refresh, touch the network, or put file contents in a message.
+during a key rotation); every connection's files and key rotation are files.py's. Blocking
+file calls run in a worker thread. Must not decide when to refresh, touch the network, or
+put file contents in a message.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from proxy.names import DEFAULT_CONNECTION
 from proxy.store.crypto import (
     check_envelope,
     fsync_dir,
-    is_legacy,
     key_source,
     load_key,
     open_sealed,
@@ -32,7 +31,6 @@ from proxy.store.crypto import (
     seal,
     write_private,
 )
-from proxy.store.legacy import Manifest, check_legacy, open_manifest
 from proxy.tokenset import StoredState, state_from_json, state_to_json
 
 if TYPE_CHECKING:
@@ -40,10 +38,6 @@ if TYPE_CHECKING:
 
 LOCK_POLL_MIN = 0.01
 LOCK_POLL_MAX = 0.05
-# Beside `tokens.path`: the connections' entries, and in it the record of the old-format
-# entries found at the upgrade (files.py writes it; every store of the directory reads it).
-CONNECTIONS_DIR = "connections"
-MANIFEST_FILE = ".legacy-entries"
 
 
 class FileBackend:
@@ -61,15 +55,12 @@ class FileBackend:
         key: bytes | None = None,
         *,
         key_file: Path,
-        manifest: Path,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.key_file = key_file
-        self.manifest_path = manifest
         self.closed = False
         self._key = key
         self._environ = environ
-        self._manifest: Manifest | None = None
 
     def keys(self, *, create: bool) -> list[bytes]:
         """The key to seal with first, then any older key still accepted for opening."""
@@ -81,22 +72,6 @@ class FileBackend:
             with suppress(FileNotFoundError):
                 keys.append(read_key_file(old_key_path(self.key_file)))
         return keys
-
-    def manifest(self) -> Manifest | None:
-        """The record of old-format entries, None if there is none. Blocking.
-
-        Kept once read: it is written once (a rotation writes one that allows less).
-        """
-        if self._manifest is None:
-            blob = read_file(self.manifest_path, what="the record of old-format entries")
-            if blob is not None:
-                what = f"the record of old-format entries {self.manifest_path}"
-                self._manifest = open_manifest(blob, self.keys(create=False), what=what)
-        return self._manifest
-
-    def forget_manifest(self) -> None:
-        """Read the record again at its next use (it was just rewritten)."""
-        self._manifest = None
 
 
 class FileStore:
@@ -111,8 +86,7 @@ class FileStore:
         environ: Mapping[str, str] | None = None,
     ) -> None:
         """The `default` connection's store at `path` (`tokens.path`), as before connections."""
-        manifest = manifest_path(path)
-        backend = FileBackend(key, key_file=key_file, manifest=manifest, environ=environ)
+        backend = FileBackend(key, key_file=key_file, environ=environ)
         self._bind(path, backend, name=DEFAULT_CONNECTION, owner=True)
 
     @classmethod
@@ -194,17 +168,15 @@ class FileStore:
             write_atomic(self._path, seal(state_to_json(state), key, name=self._name))
 
     def _load_sync(self) -> StoredState | None:
-        blob = read_file(self._path)
+        blob = _read(self._path)
         if blob is None:
             return None
         what = f"token file {self._path}"
         # The envelope first: a foreign file is reported as such, not as a missing key.
         check_envelope(blob, what=what)
-        legacy = is_legacy(blob)
-        if legacy:
-            check_legacy(self._backend.manifest(), self._name, blob, what=what)
+        # An old-format (PLEOPX1) file opens too; the next write seals it as PLEOPX2.
         keys = self._backend.keys(create=False)
-        plaintext = open_sealed(blob, keys, name=self._name, what=what, legacy=legacy)
+        plaintext = open_sealed(blob, keys, name=self._name, what=what)
         try:
             return state_from_json(plaintext)
         except ValueError as exc:
@@ -272,11 +244,6 @@ class FileStore:
             await asyncio.sleep(random.uniform(LOCK_POLL_MIN, LOCK_POLL_MAX))  # noqa: S311
 
 
-def manifest_path(default_path: Path) -> Path:
-    """Where the record of old-format entries of `default_path`'s directory lives."""
-    return default_path.parent / CONNECTIONS_DIR / MANIFEST_FILE
-
-
 def old_key_path(key_file: Path) -> Path:
     """Where the previous key is kept while a rotation re-seals the token files."""
     return key_file.with_name(f"{key_file.name}.old")
@@ -325,14 +292,13 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise StoreError(f"cannot write {path}: {_reason(exc)}") from None
 
 
-def read_file(path: Path, *, what: str = "token file") -> bytes | None:
-    """The bytes at `path`, None if it does not exist; StoreError naming `what` otherwise."""
+def _read(path: Path) -> bytes | None:
     try:
         return path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise StoreError(f"cannot read {what} {path}: {_reason(exc)}") from None
+        raise StoreError(f"cannot read token file {path}: {_reason(exc)}") from None
 
 
 def remove(path: Path) -> None:

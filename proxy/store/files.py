@@ -1,10 +1,9 @@
 """Every connection's token file in one state directory, and key rotation across them all.
 
 Owns the layout: `default` is `tokens.path` as before connections; connection NAME is
-`<state_dir>/connections/NAME.enc` (lock `NAME.enc.lock`), `connections/.changes` holds
-the change marker, and `connections/.legacy-entries` the record of old-format entries
-(legacy.py), written once by `verify()`. Blocking calls run in a worker thread. Must not
-decide when to refresh, touch the network, or put file contents in a message.
+`<state_dir>/connections/NAME.enc` (lock `NAME.enc.lock`), and `connections/.changes` holds
+the change marker. Blocking calls run in a worker thread. Must not decide when to refresh,
+touch the network, or put file contents in a message.
 """
 
 from __future__ import annotations
@@ -22,30 +21,25 @@ from proxy.names import DEFAULT_CONNECTION, check_name, is_valid_name
 from proxy.store.crypto import (
     check_envelope,
     format_key,
-    fsync_dir,
     generate_key,
     is_legacy,
     key_id,
     key_source,
     sealed_key_id,
-    write_private,
 )
 from proxy.store.file import (
-    CONNECTIONS_DIR,
     FileBackend,
     FileStore,
     check_writable,
-    manifest_path,
     old_key_path,
-    read_file,
     remove,
     write_atomic,
 )
-from proxy.store.legacy import Manifest, seal_manifest, survey
 
 if TYPE_CHECKING:
     from proxy.config import Config
 
+CONNECTIONS_DIR = "connections"
 ENTRY_SUFFIX = ".enc"
 # Starts with a dot: no connection name can (proxy/names.py), so it never names an entry.
 MARKER_NAME = ".changes"
@@ -75,9 +69,7 @@ class FileStores:
         self._default_path = path
         self._directory = path.parent / CONNECTIONS_DIR
         self._marker = self._directory / MARKER_NAME
-        self._backend = FileBackend(
-            key, key_file=key_file, manifest=manifest_path(path), environ=environ
-        )
+        self._backend = FileBackend(key, key_file=key_file, environ=environ)
 
     @classmethod
     def from_config(cls, config: Config, *, environ: Mapping[str, str] | None = None) -> FileStores:
@@ -117,8 +109,7 @@ class FileStores:
         await self.touch()
 
     async def verify(self) -> None:
-        """Both directories writable; the key usable; the old-format entries recorded if
-        they never were (legacy.py); `default`'s entry (if any) opens."""
+        """Both directories writable; the key usable; `default`'s entry (if any) opens."""
         self._check_open()
         sample = await asyncio.to_thread(self._verify_sync)
         if sample is not None:
@@ -174,44 +165,12 @@ class FileStores:
                 check_envelope(blob, what=f"token file {self.path(sample)}")
         # No entry yet: the key may be created. With entries it must already exist, or
         # a new key would be made that opens none of them.
-        key = self._backend.keys(create=not names)[0]
-        self._record_legacy_sync(names, key)
+        self._backend.keys(create=not names)
         return sample
-
-    def _record_legacy_sync(self, names: list[str], key: bytes) -> None:
-        """Write the record of old-format entries unless there is one (one stat after the
-        first start): every PLEOPX1 entry now, by name and digest (legacy.survey)."""
-        path = self._backend.manifest_path
-        if _exists(path):
-            return
-        found = {}
-        for name in names:
-            blob = _read_sync(self.path(name))
-            if blob is not None:
-                found[name] = blob
-        record = seal_manifest(survey(found), key)
-        # Exclusive: of two processes recording at once, one record stands and both use it.
-        temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            write_private(temp, record)
-            try:
-                os.link(temp, path)
-            except FileExistsError:
-                return
-            finally:
-                temp.unlink(missing_ok=True)
-            fsync_dir(path.parent)
-        except OSError as exc:
-            raise StoreError(f"cannot write {path}: {exc.strerror}") from None
-
-    def _rewrite_legacy_sync(self, key: bytes) -> None:
-        """After a rotation every entry is PLEOPX2 under `key`: the record allows nothing more."""
-        write_atomic(self._backend.manifest_path, seal_manifest(Manifest(), key))
-        self._backend.forget_manifest()
 
     def _stale_sync(self, kid: str) -> list[str]:
         """The connections whose entry is not sealed under the key with id `kid`, or is in
-        the old format (a rotation rewrites those too)."""
+        the old format (a rotation rewrites those too, whichever key sealed them)."""
         stale = []
         for name in self._names_sync():
             try:
@@ -226,7 +185,12 @@ class FileStores:
 
 
 def _read_sync(path: Path) -> bytes | None:
-    return read_file(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"cannot read token file {path}: {exc.strerror}") from None
 
 
 def _is_connection(name: str) -> bool:
@@ -274,8 +238,6 @@ async def rotate_key(
 async def _rotate(stores: FileStores, wait: float) -> str:
     key_file = stores._backend.key_file
     old_path = old_key_path(key_file)
-    # A rotation may be the first thing this version does to the directory.
-    await stores.verify()
     # Every entry must open before anything changes; if one does not, nothing has.
     for name in await stores.names():
         await stores.store(name).load()
@@ -305,7 +267,6 @@ async def _reseal_all(stores: FileStores, key: bytes, wait: float) -> None:
     for _ in range(ROTATE_PASSES):
         stale = await asyncio.to_thread(stores._stale_sync, kid)
         if not stale:
-            await _to_the_end(stores._rewrite_legacy_sync, key)
             return
         for name in stale:
             await _reseal(stores, name, key, wait)

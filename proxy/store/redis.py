@@ -1,10 +1,9 @@
 """Token state in Redis, shared by several proxy instances, and the distributed refresh lock.
 
 Owns the key layout (`pleo-proxy:<app id>:state|lock|version` for `default`,
-`…:c:NAME:state|lock|version` for connection NAME, `…:connections|changes|probe:*`,
-`…:legacy-entries`), the index, the change marker, when the record of old-format entries
-(legacy.py) is written, and when the lock is taken. The lock and fencing scripts are
-redislock.py's; the client, the record and the mapping of redis-py errors redisclient.py's.
+`…:c:NAME:state|lock|version` for connection NAME, `…:connections|changes|probe:*`), the
+index and change marker, and when the lock is taken. The lock and fencing scripts are
+redislock.py's; the client and the mapping of redis-py errors are redisclient.py's.
 Must not decide when to refresh, catch redis-py exceptions itself, touch files other
 than the key file, or put a value, a token or a Redis password in a message.
 
@@ -55,7 +54,6 @@ LOCK_POLL_MAX = 0.05
 # Beside `<prefix>state|lock|version` (default) and `<prefix>c:NAME:state|lock|version`.
 INDEX = "connections"
 MARKER = "changes"
-LEGACY = "legacy-entries"
 # A mark another holder left is that holder's to complete for this many lock TTLs.
 MARK_GRACE_TTLS = 2
 
@@ -130,7 +128,6 @@ class RedisStore:
         self._backend = backend
         self._name = name
         self._keys = entry_keys(prefix, name)
-        self._manifest_key = f"{prefix}{LEGACY}"
         self._what = WHAT if name == DEFAULT_CONNECTION else f"{WHAT} for connection {name}"
         self._probe_prefix = f"{prefix}probe:"
         self._owner = owner
@@ -162,9 +159,7 @@ class RedisStore:
             lease.version = int(version or 0)
         if blob is None:
             return None
-        return await self._backend.open(
-            _bytes(blob), name=self._name, manifest=self._manifest_key, what=self._what
-        )
+        return await self._backend.open(_bytes(blob), name=self._name, what=self._what)
 
     async def save(self, state: StoredState) -> None:
         self._check_open()
@@ -349,24 +344,13 @@ class RedisStores:
             await self.store(name)._forget(counter=self._marker_key)
 
     async def verify(self) -> None:
-        """The old-format entries recorded if they never were (legacy.py); PING, a probe
-        write, and the `default` entry (if any) opens with the key.
+        """PING, a probe write, and the `default` entry (if any) opens with the key.
 
         Only `default`'s, as before connections: a damaged entry of a connection made at
         run time fails that connection when it is used, never the start-up of the others.
         """
         self._check_open()
-        await self._record_legacy()
         await self.store(DEFAULT_CONNECTION).verify()
-
-    async def _record_legacy(self) -> None:
-        record_key = f"{self._prefix}{LEGACY}"
-        with self._backend.mapped("read the record of old-format entries"):
-            if await self._backend.client.exists(record_key):
-                return  # every start after the first: one EXISTS
-        names = await self.names()
-        entries = {name: entry_keys(self._prefix, name).state for name in names}
-        await self._backend.record_legacy(record_key, entries)
 
     async def close(self) -> None:
         await self._backend.close()

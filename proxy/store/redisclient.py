@@ -1,8 +1,7 @@
 """The one Redis client that every connection's store shares, and the one error boundary.
 
-Owns connecting (timeouts, retries), the sealing key of values in Redis, reading and
-writing the record of old-format entries (legacy.py) at the key it is given, and the
-mapping of redis-py errors to StoreError (`RedisBackend.mapped`: nothing else catches them).
+Owns connecting (timeouts, retries), the sealing key of values in Redis, and the mapping
+of redis-py errors to StoreError (`RedisBackend.mapped`: nothing else catches them).
 Must not know the key layout or the lock protocol (redis.py), touch files other than the
 key file, or put a value, a token or a Redis password in a message.
 """
@@ -24,8 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from proxy.errors import StoreError
-from proxy.store.crypto import check_envelope, is_legacy, load_key, open_sealed
-from proxy.store.legacy import Manifest, check_legacy, open_manifest, seal_manifest, survey
+from proxy.store.crypto import check_envelope, load_key, open_sealed
 from proxy.tokenset import StoredState, state_from_json
 
 if TYPE_CHECKING:
@@ -39,8 +37,6 @@ LOCK_MARGIN = 30.0
 DEFAULT_LOCK_TTL = 15.0 + LOCK_MARGIN
 DEFAULT_TIMEOUT = 5.0
 PROBE_TTL_MS = 60_000
-# Entries read per MGET while the old-format entries are recorded (once per store).
-SURVEY_BATCH = 500
 # redis-py's default retries ten times (seconds against a Redis that is down); two quick
 # retries ride over a reconnect without making an outage slow to report.
 RETRIES = 2
@@ -99,8 +95,6 @@ class RedisBackend:
         self._key = key
         self._key_file = key_file
         self._environ = environ
-        # Records of old-format entries by Redis key: written once, so kept once read.
-        self._manifests: dict[str, Manifest] = {}
         self.client = self._connect(url, timeout)
 
     @classmethod
@@ -160,50 +154,18 @@ class RedisBackend:
             )
         return self._key
 
-    async def open(self, blob: bytes, *, name: str, manifest: str, what: str = WHAT) -> StoredState:
+    async def open(self, blob: bytes, *, name: str, what: str = WHAT) -> StoredState:
         """The state sealed in `blob` as connection `name`'s; `what` names it in messages
-        (and names no secret). An old-format blob opens only as the record at the Redis key
-        `manifest` allows (legacy.py)."""
+        (and names no secret). An old-format (PLEOPX1) blob opens too: it binds no name."""
         # The envelope first: a foreign value is reported as such, not as a missing key.
         check_envelope(blob, what=what)
-        legacy = is_legacy(blob)
-        if legacy:
-            check_legacy(await self.manifest(manifest), name, blob, what=what)
         keys = [await self.resolve_key(create=False)]
-        plaintext = open_sealed(blob, keys, name=name, what=what, legacy=legacy)
+        plaintext = open_sealed(blob, keys, name=name, what=what)
         try:
             return state_from_json(plaintext)
         except ValueError as exc:
             # ValueError's text names the kind of problem only, never the content.
             raise StoreError(f"{what} is corrupt ({exc})") from None
-
-    async def manifest(self, key: str) -> Manifest | None:
-        """The record of old-format entries at the Redis key `key`; None if there is none."""
-        found = self._manifests.get(key)
-        if found is None:
-            with self.mapped("read the record of old-format entries"):
-                blob = await self.get(key)
-            if blob is not None:
-                what = f"the record of old-format entries in Redis at {self.display}"
-                found = open_manifest(blob, [await self.resolve_key(create=False)], what=what)
-                self._manifests[key] = found
-        return found
-
-    async def record_legacy(self, record_key: str, entries: Mapping[str, str]) -> None:
-        """Write the record of old-format entries at `record_key` unless one is there: every
-        PLEOPX1 value among `entries` (connection name → its Redis key), by name and digest."""
-        names = list(entries)
-        found: dict[str, bytes] = {}
-        for start in range(0, len(names), SURVEY_BATCH):
-            batch = names[start : start + SURVEY_BATCH]
-            with self.mapped("read the token state"):
-                values = await self.client.mget([entries[name] for name in batch])
-            found.update((n, _bytes(v)) for n, v in zip(batch, values, strict=True) if v)
-        # With entries the key must exist already: a new one would open none of them.
-        key = await self.resolve_key(create=not found)
-        with self.mapped("record the old-format entries"):
-            # NX: of two instances recording at once, one record stands and both use it.
-            await self.client.set(record_key, seal_manifest(survey(found), key), nx=True)
 
     # The one place redis-py's exceptions become ours.
 
@@ -226,8 +188,3 @@ class RedisBackend:
         for secret in self._secrets:
             text = text.replace(secret, "[secret]")
         return text[:300]
-
-
-def _bytes(value: bytes | str) -> bytes:
-    # The client is made without decode_responses: values come back as bytes.
-    return value.encode() if isinstance(value, str) else value

@@ -1,9 +1,14 @@
 """Entries bound to their connection's name, and the upgrade from the old format: the checks
 every `ConnectionStores` must pass (files, Redis), written against the protocol.
 
-A backend's test module builds an `EntriesHarness` (raw bytes per entry, the record of
-old-format entries, the key file) and runs every check in `NAMES_CHECKS`. The attacker
-these checks stand for can write the store but not read the key: they copy bytes.
+A backend's test module builds an `EntriesHarness` (raw bytes per entry, the key file, the
+key rotation if it has one) and runs every check in `NAMES_CHECKS`. The attacker these
+checks stand for can write the store but not read the key: they copy bytes.
+
+The policy (SECURITY.md, threat 5): every write is PLEOPX2, bound to its name; a PLEOPX1
+entry opens under whatever name it is found, whenever it was written (an older instance
+in a rolling upgrade still writes them), until its next write here; `rotate-key` rewrites
+every entry, and then no PLEOPX1 blob (sealed under the retired key) opens at all.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from proxy.store.crypto import (
     format_key,
     generate_key,
     is_legacy,
+    key_id,
     read_key_file,
     write_private,
 )
@@ -43,8 +49,9 @@ class EntriesHarness:
     # Put bytes at rest as connection NAME's entry, as an older pleo-proxy or a copy would
     # (listed like any entry: in Redis its name joins the index).
     write_entry: Callable[[str, bytes], Awaitable[None]]
-    drop_record: Callable[[], Awaitable[None]]  # remove the record of old-format entries
     key_file: Path
+    # `pleo-proxy rotate-key` on this location; None where there is none (Redis).
+    rotate: Callable[[], Awaitable[None]] | None = None
 
 
 Check = Callable[[EntriesHarness], Awaitable[None]]
@@ -124,7 +131,9 @@ async def check_old_format_entries_open_and_are_rewritten_at_their_next_write(
 ) -> None:
     await old_store(harness)
     async with opened(harness) as stores:
-        await stores.verify()  # the first start of this version: records them
+        # Before any start-up check too: nothing is recorded or needed first.
+        assert await stores.store("acme").load() == sample_state(1, "acme")
+        await stores.verify()
         for n, name in enumerate(OLD_NAMES):
             assert await stores.store(name).load() == sample_state(n, name)
             assert is_legacy(await harness.read_entry(name) or b"")  # read, not rewritten
@@ -146,69 +155,92 @@ async def check_old_format_entries_open_and_are_rewritten_at_their_next_write(
         assert await again.store(DEFAULT_CONNECTION).load() == sample_state(6, DEFAULT_CONNECTION)
 
 
-async def check_an_old_format_entry_copied_over_another_is_refused(
+async def check_an_old_format_entry_copied_over_another_still_opens(
     harness: EntriesHarness,
 ) -> None:
+    # The documented residual risk: PLEOPX1 binds no name, so a copy of one under another
+    # name opens there, until that entry is written here or rotate-key retires the key.
     await old_store(harness)
+    acme_v1 = await copy_entry(harness, "acme", "globex")
     async with opened(harness) as stores:
         await stores.verify()
-        await copy_entry(harness, "acme", "globex")
-        detail = await refused(
-            stores.store("globex"), naming="globex", hiding=secrets_of(sample_state(1, "acme"))
-        )
-        assert "old format" in detail
-        assert await stores.store("acme").load() == sample_state(1, "acme")
-        # Also once the copied one was rewritten in the new format: the old bytes stay bound.
+        assert await stores.store("globex").load() == sample_state(1, "acme")
+        # Written again here, the copy is globex's own entry in the new format.
+        await stores.store("globex").save(sample_state(8, "globex"))
+        assert (await harness.read_entry("globex") or b"").startswith(MAGIC)
+        assert await stores.store("globex").load() == sample_state(8, "globex")
+        # acme rewritten as PLEOPX2 does not end it: the old bytes, put back, still open.
         await stores.store("acme").save(sample_state(7, "acme"))
-        await refused(stores.store("globex"), naming="globex", hiding=[])
+        await harness.write_entry("globex", acme_v1)
+        assert await stores.store("globex").load() == sample_state(1, "acme")
 
 
-async def check_old_format_entries_without_a_record_are_refused(harness: EntriesHarness) -> None:
-    # Every start records them first; an old-format entry read before that is not trusted.
-    await old_store(harness)
-    async with opened(harness) as stores:
-        detail = await refused(stores.store("acme"), naming="acme", hiding=[])
-        assert "no record" in detail
-        await stores.verify()
-        assert await stores.store("acme").load() == sample_state(1, "acme")
-
-
-async def check_a_new_location_trusts_no_old_format_entry(harness: EntriesHarness) -> None:
-    async with opened(harness) as stores:
-        await stores.verify()  # nothing here: the record made allows nothing
-        await stores.store("acme").save(sample_state(1, "acme"))
-    # Sealed under the store's own key: only the record can refuse it.
-    blob = seal_v1(state_to_json(sample_state(2, "globex")), read_key_file(harness.key_file))
-    await harness.write_entry("globex", blob)
-    async with opened(harness) as stores:
-        await stores.verify()
-        await refused(stores.store("globex"), naming="globex", hiding=[])
-
-
-async def check_a_removed_record_is_not_made_again_from_what_is_there(
+async def check_an_old_format_entry_written_after_the_upgrade_opens(
     harness: EntriesHarness,
 ) -> None:
-    # Removing the record must not let the next start trust an old-format copy: once an
-    # entry is in the new format, a new record allows nothing (and the entries left in the
-    # old format are refused with it: fail closed, they can be imported again).
-    await old_store(harness)
+    # A rolling upgrade: instances of this version and older ones share the store, and an
+    # older one goes on refreshing (writing PLEOPX1) after this version's first start. No
+    # grant is lost: whatever it writes is read, and this version's next write binds it.
     async with opened(harness) as stores:
+        await stores.verify()  # a new location: the key is made here
+        await stores.store("acme").save(sample_state(1, "acme"))
+        key = read_key_file(harness.key_file)
+        older = {
+            "acme": sample_state(2, "acme"),  # an older instance refreshed acme
+            "globex": sample_state(3, "globex"),  # and authorised a new connection
+            DEFAULT_CONNECTION: sample_state(4, DEFAULT_CONNECTION),
+        }
+        for name, state in older.items():
+            await harness.write_entry(name, seal_v1(state_to_json(state), key))
         await stores.verify()
-        await stores.store(DEFAULT_CONNECTION).save(sample_state(3, DEFAULT_CONNECTION))
+        for name, state in older.items():
+            assert await stores.store(name).load() == state
+        await stores.store("globex").save(sample_state(5, "globex"))
+        assert (await harness.read_entry("globex") or b"").startswith(MAGIC)
+        # And again after that: the older instance refreshed globex once more.
+        await harness.write_entry("globex", seal_v1(state_to_json(sample_state(6, "globex")), key))
+    async with opened(harness) as again:
+        await again.verify()
+        assert await again.store("globex").load() == sample_state(6, "globex")
+        assert await again.store("acme").load() == sample_state(2, "acme")
+
+
+async def check_after_rotate_key_no_old_format_blob_opens(harness: EntriesHarness) -> None:
+    # How an operator closes the legacy window once every instance runs this version.
+    if harness.rotate is None:
+        pytest.skip("this store has no rotate-key (SECURITY.md, threat 5)")
+    old_key = await old_store(harness)
+    old_blobs = {name: await harness.read_entry(name) for name in OLD_NAMES}
+    await harness.rotate()
+    new_key = read_key_file(harness.key_file)
+    assert key_id(new_key) != key_id(old_key)
+    async with opened(harness) as stores:
+        for n, name in enumerate(OLD_NAMES):
+            blob = await harness.read_entry(name)
+            assert blob is not None
+            assert blob.startswith(MAGIC)  # every entry rewritten as PLEOPX2
+            assert await stores.store(name).load() == sample_state(n, name)
+        # Put back from a backup, under its own name or another's: sealed under the
+        # retired key, it opens nowhere.
+        for name, blob in old_blobs.items():
+            assert blob is not None
+            for target in (name, "globex"):
+                await harness.write_entry(target, blob)
+                detail = await refused(
+                    stores.store(target), naming=key_id(old_key), hiding=secrets_of()
+                )
+                assert "not the configured key" in detail
+                assert key_id(new_key) in detail
+        # A PLEOPX2 entry copied over another is refused under the new key too.
+        await stores.store("acme").save(sample_state(9, "acme"))
         await copy_entry(harness, "acme", "globex")
-    await harness.drop_record()
-    async with opened(harness) as stores:
-        await stores.verify()
         await refused(stores.store("globex"), naming="globex", hiding=[])
-        await refused(stores.store("acme"), naming="acme", hiding=[])
-        assert await stores.store(DEFAULT_CONNECTION).load() == sample_state(3, DEFAULT_CONNECTION)
 
 
 NAMES_CHECKS: tuple[Check, ...] = (
     check_an_entry_copied_over_another_is_refused,
     check_old_format_entries_open_and_are_rewritten_at_their_next_write,
-    check_an_old_format_entry_copied_over_another_is_refused,
-    check_old_format_entries_without_a_record_are_refused,
-    check_a_new_location_trusts_no_old_format_entry,
-    check_a_removed_record_is_not_made_again_from_what_is_there,
+    check_an_old_format_entry_copied_over_another_still_opens,
+    check_an_old_format_entry_written_after_the_upgrade_opens,
+    check_after_rotate_key_no_old_format_blob_opens,
 )

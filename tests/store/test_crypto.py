@@ -67,18 +67,16 @@ def test_the_current_format_is_version_2_and_the_old_one_is_told_apart() -> None
     assert sealed_key_id(seal_v1(PLAINTEXT, key)) == key_id(key)
 
 
-def test_an_old_format_blob_from_the_released_code_opens_only_when_allowed() -> None:
+def test_an_old_format_blob_from_the_released_code_opens_under_any_name() -> None:
     # GOLDEN_V1 was made by the PLEOPX1 seal() as released, not by this test's helper.
-    assert open_sealed(GOLDEN_V1, [GOLDEN_KEY], name=NAME, legacy=True) == GOLDEN_PLAINTEXT
-    # It binds no name: it opens as any, which is why the caller must check first.
-    assert open_sealed(GOLDEN_V1, [GOLDEN_KEY], name="other", legacy=True) == GOLDEN_PLAINTEXT
-    with pytest.raises(StoreError) as caught:
-        open_sealed(GOLDEN_V1, [GOLDEN_KEY], name=NAME, what="token file x")
-    assert caught.value.detail == (
-        f"token file x is in the old format (PLEOPX1), which is not bound to connection {NAME}"
-    )
+    assert open_sealed(GOLDEN_V1, [GOLDEN_KEY], name=NAME) == GOLDEN_PLAINTEXT
+    # It binds no name: it opens as any (the residual risk SECURITY.md states, threat 5).
+    assert open_sealed(GOLDEN_V1, [GOLDEN_KEY], name="other") == GOLDEN_PLAINTEXT
+    # Once its key is retired (rotate-key), it opens under none.
+    with pytest.raises(StoreError, match="not the configured key"):
+        open_sealed(GOLDEN_V1, [generate_key()], name=NAME)
     # The helper the store tests use writes exactly that format.
-    assert open_sealed(seal_v1(b"x", GOLDEN_KEY), [GOLDEN_KEY], name=NAME, legacy=True) == b"x"
+    assert open_sealed(seal_v1(b"x", GOLDEN_KEY), [GOLDEN_KEY], name=NAME) == b"x"
 
 
 def test_an_old_format_blob_with_any_byte_changed_is_refused() -> None:
@@ -88,14 +86,7 @@ def test_an_old_format_blob_with_any_byte_changed_is_refused() -> None:
         tampered = bytearray(blob)
         tampered[index] ^= 0x01
         with pytest.raises(StoreError):
-            open_sealed(bytes(tampered), [key], name=NAME, legacy=True)
-
-
-def test_legacy_allows_nothing_for_a_current_format_blob() -> None:
-    # `legacy` lets the old format open; it never lifts the name check of the new one.
-    key = generate_key()
-    with pytest.raises(StoreError, match="authentication failed"):
-        open_sealed(seal(PLAINTEXT, key, name=NAME), [key], name="other", legacy=True)
+            open_sealed(bytes(tampered), [key], name=NAME)
 
 
 def test_sealed_blob_carries_magic_and_key_id_but_no_plaintext() -> None:
@@ -120,7 +111,7 @@ def test_opens_with_whichever_configured_key_sealed_it() -> None:
         PLAINTEXT
     )
     old = seal_v1(PLAINTEXT, second)
-    assert open_sealed(old, [first, second], name=NAME, legacy=True) == PLAINTEXT
+    assert open_sealed(old, [first, second], name=NAME) == PLAINTEXT
 
 
 def test_tampering_with_any_byte_is_an_error() -> None:
@@ -130,7 +121,7 @@ def test_tampering_with_any_byte_is_an_error() -> None:
         tampered = bytearray(blob)
         tampered[index] ^= 0x01
         with pytest.raises(StoreError):
-            open_sealed(bytes(tampered), [key], name=NAME, legacy=True)
+            open_sealed(bytes(tampered), [key], name=NAME)
 
 
 def test_truncation_is_an_error() -> None:
@@ -162,14 +153,14 @@ def test_kid_swap_fails_authentication() -> None:
     ):
         blob[len(MAGIC) : len(MAGIC) + KID_BYTES] = bytes.fromhex(key_id(second))
         with pytest.raises(StoreError, match="authentication failed"):
-            open_sealed(bytes(blob), [first, second], name=NAME, legacy=True)
+            open_sealed(bytes(blob), [first, second], name=NAME)
 
 
 def test_version_and_foreign_data_are_named() -> None:
     key = generate_key()
     blob = seal(PLAINTEXT, key, name=NAME)
     with pytest.raises(StoreError, match="unsupported format version"):
-        open_sealed(b"PLEOPX3\n" + blob[len(MAGIC) :], [key], name=NAME, legacy=True)
+        open_sealed(b"PLEOPX3\n" + blob[len(MAGIC) :], [key], name=NAME)
     with pytest.raises(StoreError, match="foreign: not sealed by pleo-proxy"):
         open_sealed(b'{"access_token": "x"}', [key], name=NAME)
     with pytest.raises(StoreError, match="token value in Redis is foreign"):
@@ -178,7 +169,7 @@ def test_version_and_foreign_data_are_named() -> None:
     with pytest.raises(StoreError, match="authentication failed"):
         open_sealed(MAGIC + seal_v1(PLAINTEXT, key)[len(MAGIC) :], [key], name=NAME)
     with pytest.raises(StoreError, match="authentication failed"):
-        open_sealed(LEGACY_MAGIC + blob[len(MAGIC) :], [key], name=NAME, legacy=True)
+        open_sealed(LEGACY_MAGIC + blob[len(MAGIC) :], [key], name=NAME)
 
 
 def test_nonces_and_ciphertexts_are_unique() -> None:

@@ -18,10 +18,9 @@ from proxy.config import Config, TokensConfig
 from proxy.errors import LockTimeout, StoreError
 from proxy.names import DEFAULT_CONNECTION
 from proxy.store import open_stores
-from proxy.store.crypto import generate_key, is_legacy, key_id, open_sealed, read_key_file, seal
+from proxy.store.crypto import generate_key, key_id, open_sealed, read_key_file, seal
 from proxy.store.file import FileStore, old_key_path
 from proxy.store.files import FileStores, rotate_key
-from proxy.store.legacy import Manifest, open_manifest
 from tests.store import names_contract
 from tests.store.connections_contract import STORES_CHECKS, StoresCheck, StoresHarness
 from tests.store.contract import check_id, sample_state
@@ -106,10 +105,10 @@ def entries(paths: Paths) -> EntriesHarness:
         paths.entry(name).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         paths.entry(name).write_bytes(blob)
 
-    async def drop_record() -> None:
-        (paths.connections / ".legacy-entries").unlink()
+    async def rotate() -> None:
+        await rotate_key(paths.config(), environ={})
 
-    return EntriesHarness(make_stores, make_legacy, read_entry, write_entry, drop_record, paths.key)
+    return EntriesHarness(make_stores, make_legacy, read_entry, write_entry, paths.key, rotate)
 
 
 @pytest.mark.parametrize("check", NAMES_CHECKS, ids=check_id)
@@ -188,9 +187,7 @@ async def test_verify_creates_both_directories(paths: Paths) -> None:
     assert mode(paths.state_dir) == 0o700
     assert mode(paths.connections) == 0o700
     assert mode(paths.key) == 0o600
-    # The record of old-format entries (none: a new directory), written once, private.
-    assert sorted(p.name for p in paths.connections.iterdir()) == [".legacy-entries"]
-    assert mode(paths.connections / ".legacy-entries") == 0o600
+    assert sorted(p.name for p in paths.connections.iterdir()) == []
     await stores.close()
 
 
@@ -350,28 +347,3 @@ async def test_save_after_rotation_by_another_store_uses_the_new_key(paths: Path
     new_key = read_key_file(paths.key)
     assert open_sealed(paths.entry("acme").read_bytes(), [new_key], name="acme")
     await running.close()
-
-
-async def test_rotate_key_rewrites_old_format_entries_and_the_record(
-    paths: Paths, entries: EntriesHarness
-) -> None:
-    # `rotate-key` may be the first command this version runs on an older directory.
-    old_key = await names_contract.old_store(entries)
-    old_blobs = {name: paths.entry(name).read_bytes() for name in names_contract.OLD_NAMES}
-    await rotate_key(paths.config(), environ={})
-    new_key = read_key_file(paths.key)
-    stores = paths.stores(new_key)
-    for n, name in enumerate(names_contract.OLD_NAMES):
-        blob = paths.entry(name).read_bytes()
-        assert not is_legacy(blob)
-        assert open_sealed(blob, [new_key], name=name)
-        assert await stores.store(name).load() == sample_state(n, name)
-    # Every entry is in the new format now: the record allows no old-format entry more.
-    record = (paths.connections / ".legacy-entries").read_bytes()
-    assert open_manifest(record, [new_key], what="record") == Manifest()
-    for name, blob in old_blobs.items():
-        paths.entry(name).write_bytes(blob)  # restored from a backup (the old key's, too)
-        with pytest.raises(StoreError, match="old format"):
-            await stores.store(name).load()
-    assert key_id(old_key) != key_id(new_key)
-    await stores.close()
