@@ -116,6 +116,12 @@ async def test_names_contract(check: names_contract.Check, entries: EntriesHarne
     await asyncio.wait_for(check(entries), 90.0)
 
 
+async def test_after_rotate_key_no_old_format_blob_opens(entries: EntriesHarness) -> None:
+    await asyncio.wait_for(
+        names_contract.check_after_rotate_key_no_old_format_blob_opens(entries), 90.0
+    )
+
+
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 

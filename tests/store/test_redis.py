@@ -147,7 +147,7 @@ def entries(location: Location, raw: aioredis.Redis) -> EntriesHarness:
         if name != DEFAULT_CONNECTION:
             await raw.sadd(f"{PREFIX}connections", name)
 
-    # No rotate-key for Redis (the CLI refuses it): the rotation check is skipped here.
+    # No rotate-key for Redis (the CLI refuses it), so no rotation check here.
     return EntriesHarness(make_stores, make_legacy, read_entry, write_entry, location.key_file)
 
 
