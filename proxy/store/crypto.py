@@ -1,8 +1,8 @@
 """Sealing token state at rest (AES-256-GCM in a versioned envelope) and loading the key.
 
-Owns the envelope format, key ids, and where the key comes from (environment, systemd
-credential, key file created 0600). Must not log, and does no I/O other than reading
-or creating the key file; no message ever contains a key or plaintext.
+Owns the envelope formats, key ids, and where the key comes from (environment, systemd
+credential, key file created 0600). Must not log, or do I/O other than reading or creating
+the key file; no message ever contains a key or plaintext.
 """
 
 from __future__ import annotations
@@ -23,7 +23,12 @@ NONCE_BYTES = 12  # 96 bits: the GCM nonce size that needs no extra hashing
 KID_BYTES = 8
 # Envelope: MAGIC | kid (8 raw bytes) | nonce (12) | ciphertext+tag. The magic names the
 # format and its version; a new format gets a new magic, never a reinterpreted one.
-MAGIC = b"PLEOPX1\n"
+# PLEOPX2 binds the entry's name (the connection's) in the associated data; PLEOPX1 did
+# not, so one connection's entry copied over another's opened there as if it were its.
+# Every write is PLEOPX2; PLEOPX1 still opens (under any name) until its next write, or
+# until a key rotation retires the key it was sealed under (SECURITY.md, threat 5).
+MAGIC = b"PLEOPX2\n"
+LEGACY_MAGIC = b"PLEOPX1\n"
 MAGIC_FAMILY = b"PLEOPX"
 HEADER_BYTES = len(MAGIC) + KID_BYTES + NONCE_BYTES
 TAG_BYTES = 16
@@ -45,9 +50,13 @@ def key_id(key: bytes) -> str:
     return hashlib.sha256(key).digest()[:KID_BYTES].hex()
 
 
-def _aad(kid: bytes) -> bytes:
+def _aad(magic: bytes, kid: bytes, name: str) -> bytes:
     # The header is authenticated: swapping the kid or the version makes GCM fail.
-    return MAGIC + kid + PURPOSE
+    if magic == LEGACY_MAGIC:
+        return LEGACY_MAGIC + kid + PURPOSE
+    # Length-prefixed, so that no name is a prefix of another's associated data.
+    encoded = name.encode()
+    return magic + kid + PURPOSE + len(encoded).to_bytes(2, "big") + encoded
 
 
 def _check_key(key: bytes) -> None:
@@ -55,8 +64,9 @@ def _check_key(key: bytes) -> None:
         raise StoreError(f"the token key must be {KEY_BYTES} bytes, not {len(key)}")
 
 
-def seal(plaintext: bytes, key: bytes) -> bytes:
-    """Encrypt and authenticate `plaintext` under `key`, with a fresh random nonce."""
+def seal(plaintext: bytes, key: bytes, *, name: str) -> bytes:
+    """Encrypt and authenticate `plaintext` under `key` as the entry named `name` (a
+    connection's name), with a fresh random nonce: it opens under that name only."""
     # Imported here, not above: cryptography is ~5 MiB of RSS that API-key mode and most
     # CLI commands never use (tests/test_imports.py keeps it that way).
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -64,19 +74,29 @@ def seal(plaintext: bytes, key: bytes) -> bytes:
     _check_key(key)
     kid = bytes.fromhex(key_id(key))
     nonce = secrets.token_bytes(NONCE_BYTES)
-    return MAGIC + kid + nonce + AESGCM(key).encrypt(nonce, plaintext, _aad(kid))
+    return MAGIC + kid + nonce + AESGCM(key).encrypt(nonce, plaintext, _aad(MAGIC, kid, name))
 
 
-def open_sealed(blob: bytes, keys: Sequence[bytes], *, what: str = "token file") -> bytes:
-    """The plaintext of `blob`, opened with whichever of `keys` sealed it; else StoreError.
+def open_sealed(
+    blob: bytes,
+    keys: Sequence[bytes],
+    *,
+    name: str,
+    what: str = "token file",
+) -> bytes:
+    """The plaintext of `blob` sealed as the entry `name`, opened with whichever of `keys`
+    sealed it; else StoreError.
 
-    `what` names the thing in messages ("token file", "token value in Redis").
+    `what` names the thing in messages ("token file", "token value in Redis"). A PLEOPX1
+    blob binds no name: it opens under whatever `name` it is found (as every released
+    version read it), so that no grant is lost in an upgrade, rolling or not.
     """
     # Imported here for the reason given in seal().
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     check_envelope(blob, what=what)
+    magic = blob[: len(MAGIC)]
     kid = blob[len(MAGIC) : len(MAGIC) + KID_BYTES]
     nonce = blob[len(MAGIC) + KID_BYTES : HEADER_BYTES]
     key = _key_for(kid, keys)
@@ -87,9 +107,18 @@ def open_sealed(blob: bytes, keys: Sequence[bytes], *, what: str = "token file")
             f" (key id {configured})"
         )
     try:
-        return AESGCM(key).decrypt(nonce, blob[HEADER_BYTES:], _aad(kid))
+        return AESGCM(key).decrypt(nonce, blob[HEADER_BYTES:], _aad(magic, kid, name))
     except InvalidTag:
-        raise StoreError(f"{what} is corrupt (authentication failed)") from None
+        # GCM cannot tell a flipped bit from another name: both are named, neither guessed.
+        raise StoreError(
+            f"{what} does not open as connection {name}'s entry (authentication failed):"
+            " it is corrupt, or it is another connection's entry copied there"
+        ) from None
+
+
+def is_legacy(blob: bytes) -> bool:
+    """Whether `blob` is in the old envelope (PLEOPX1), which binds no connection name."""
+    return blob.startswith(LEGACY_MAGIC)
 
 
 def sealed_key_id(blob: bytes, *, what: str = "token file") -> str:
@@ -102,7 +131,7 @@ def check_envelope(blob: bytes, *, what: str = "token file") -> None:
     """StoreError unless `blob` looks like one of our envelopes (no key needed)."""
     if not blob.startswith(MAGIC_FAMILY):
         raise StoreError(f"{what} is foreign: not sealed by pleo-proxy")
-    if not blob.startswith(MAGIC):
+    if not blob.startswith((MAGIC, LEGACY_MAGIC)):
         raise StoreError(f"{what} has an unsupported format version (newer pleo-proxy?)")
     if len(blob) < HEADER_BYTES + TAG_BYTES:
         raise StoreError(f"{what} is corrupt (truncated)")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from proxy.errors import LockTimeout, StoreError
+from proxy.names import DEFAULT_CONNECTION
 from proxy.store.crypto import (
     check_envelope,
     fsync_dir,
@@ -84,21 +85,25 @@ class FileStore:
         key_file: Path,
         environ: Mapping[str, str] | None = None,
     ) -> None:
-        self._bind(path, FileBackend(key, key_file=key_file, environ=environ), owner=True)
+        """The `default` connection's store at `path` (`tokens.path`), as before connections."""
+        backend = FileBackend(key, key_file=key_file, environ=environ)
+        self._bind(path, backend, name=DEFAULT_CONNECTION, owner=True)
 
     @classmethod
     def from_config(cls, config: Config) -> FileStore:
         return cls(config.tokens.path, key_file=config.tokens.key_file)
 
     @classmethod
-    def sharing(cls, path: Path, backend: FileBackend) -> FileStore:
-        """A store for `path` on a shared `backend`: its owner closes that, not this close()."""
+    def sharing(cls, path: Path, backend: FileBackend, *, name: str) -> FileStore:
+        """Connection `name`'s store at `path` on a shared `backend`: its owner closes that,
+        not this close()."""
         store = cls.__new__(cls)
-        store._bind(path, backend, owner=False)
+        store._bind(path, backend, name=name, owner=False)
         return store
 
-    def _bind(self, path: Path, backend: FileBackend, *, owner: bool) -> None:
+    def _bind(self, path: Path, backend: FileBackend, *, name: str, owner: bool) -> None:
         self._path = path
+        self._name = name
         self._lock_path = path.with_name(f"{path.name}.lock")
         self._backend = backend
         self._owner = owner
@@ -107,6 +112,11 @@ class FileStore:
     @property
     def path(self) -> Path:
         return self._path
+
+    @property
+    def name(self) -> str:
+        """The connection whose entry this is: what its file is sealed as."""
+        return self._name
 
     @property
     def mark_grace(self) -> None:
@@ -155,7 +165,7 @@ class FileStore:
         """Re-seal the stored state (if any) under `key`. Blocking; the caller holds the lock."""
         state = self._load_sync()
         if state is not None:
-            write_atomic(self._path, seal(state_to_json(state), key))
+            write_atomic(self._path, seal(state_to_json(state), key, name=self._name))
 
     def _load_sync(self) -> StoredState | None:
         blob = _read(self._path)
@@ -164,7 +174,9 @@ class FileStore:
         what = f"token file {self._path}"
         # The envelope first: a foreign file is reported as such, not as a missing key.
         check_envelope(blob, what=what)
-        plaintext = open_sealed(blob, self._backend.keys(create=False), what=what)
+        # An old-format (PLEOPX1) file opens too; the next write seals it as PLEOPX2.
+        keys = self._backend.keys(create=False)
+        plaintext = open_sealed(blob, keys, name=self._name, what=what)
         try:
             return state_from_json(plaintext)
         except ValueError as exc:
@@ -173,7 +185,7 @@ class FileStore:
 
     def _save_sync(self, state: StoredState) -> None:
         key = self._backend.keys(create=True)[0]
-        write_atomic(self._path, seal(state_to_json(state), key))
+        write_atomic(self._path, seal(state_to_json(state), key, name=self._name))
 
     def _verify_sync(self) -> None:
         check_writable(self._path.parent)

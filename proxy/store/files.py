@@ -22,6 +22,7 @@ from proxy.store.crypto import (
     check_envelope,
     format_key,
     generate_key,
+    is_legacy,
     key_id,
     key_source,
     sealed_key_id,
@@ -83,7 +84,7 @@ class FileStores:
 
     def store(self, name: str) -> FileStore:
         self._check_open()
-        return FileStore.sharing(self.path(name), self._backend)
+        return FileStore.sharing(self.path(name), self._backend, name=name)
 
     async def names(self) -> list[str]:
         self._check_open()
@@ -168,7 +169,8 @@ class FileStores:
         return sample
 
     def _stale_sync(self, kid: str) -> list[str]:
-        """The connections whose entry is not sealed under the key with id `kid`."""
+        """The connections whose entry is not sealed under the key with id `kid`, or is in
+        the old format (a rotation rewrites those too, whichever key sealed them)."""
         stale = []
         for name in self._names_sync():
             try:
@@ -177,7 +179,7 @@ class FileStores:
                 continue  # removed since it was listed
             except OSError as exc:
                 raise StoreError(f"cannot read {self.path(name)}: {exc.strerror}") from None
-            if sealed_key_id(blob, what=f"token file {self.path(name)}") != kid:
+            if sealed_key_id(blob, what=f"token file {self.path(name)}") != kid or is_legacy(blob):
                 stale.append(name)
         return stale
 

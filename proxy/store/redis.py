@@ -126,6 +126,7 @@ class RedisStore:
         self, backend: RedisBackend, prefix: str, *, name: str = DEFAULT_CONNECTION, owner: bool
     ) -> None:
         self._backend = backend
+        self._name = name
         self._keys = entry_keys(prefix, name)
         self._what = WHAT if name == DEFAULT_CONNECTION else f"{WHAT} for connection {name}"
         self._probe_prefix = f"{prefix}probe:"
@@ -158,11 +159,12 @@ class RedisStore:
             lease.version = int(version or 0)
         if blob is None:
             return None
-        return await self._backend.open(_bytes(blob), what=self._what)
+        return await self._backend.open(_bytes(blob), name=self._name, what=self._what)
 
     async def save(self, state: StoredState) -> None:
         self._check_open()
-        blob = seal(state_to_json(state), await self._backend.resolve_key(create=True))
+        key = await self._backend.resolve_key(create=True)
+        blob = seal(state_to_json(state), key, name=self._name)
         # One script sets the value, adds the name to the index and bumps the version;
         # its reply is Redis's acknowledgement (the module docstring says what that means
         # on disk). Under a lock it is fenced: FencedOut, and nothing written, otherwise.
@@ -193,10 +195,7 @@ class RedisStore:
 
     async def verify(self) -> None:
         self._check_open()
-        state = self._keys.state
-        await self._backend.check(
-            self._probe_prefix, lambda: self._backend.get(state), what=self._what
-        )
+        await self._backend.check(self._probe_prefix, self.load)
 
     async def close(self) -> None:
         if self._closed:

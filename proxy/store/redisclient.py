@@ -132,22 +132,17 @@ class RedisBackend:
         # The client is made without decode_responses: values come back as bytes.
         return value.encode() if isinstance(value, str) else value
 
-    async def check(
-        self, probe_prefix: str, sample: Callable[[], Awaitable[bytes | None]], *, what: str = WHAT
-    ) -> None:
-        """Start-up check: PING, write a probe, and open `sample()` (else resolve the key)."""
+    async def check(self, probe_prefix: str, sample: Callable[[], Awaitable[object]]) -> None:
+        """Start-up check: PING, write a probe, and `sample()` (read and open one entry);
+        when that finds nothing (None), resolve the key, creating it if it is missing."""
         with self.mapped("answer PING"):
             await self.client.ping()
         probe = f"{probe_prefix}{secrets.token_hex(6)}"
         with self.mapped("write a probe key"):
             await self.client.set(probe, b"", px=PROBE_TTL_MS)
             await self.client.delete(probe)
-        with self.mapped("read the token state"):
-            blob = await sample()
-        if blob is None:
+        if await sample() is None:
             await self.resolve_key(create=True)
-        else:
-            await self.open(blob, what=what)
 
     # Keys and sealing.
 
@@ -159,11 +154,13 @@ class RedisBackend:
             )
         return self._key
 
-    async def open(self, blob: bytes, *, what: str = WHAT) -> StoredState:
-        """The state sealed in `blob`; `what` names it in messages (and names no secret)."""
+    async def open(self, blob: bytes, *, name: str, what: str = WHAT) -> StoredState:
+        """The state sealed in `blob` as connection `name`'s; `what` names it in messages
+        (and names no secret). An old-format (PLEOPX1) blob opens too: it binds no name."""
         # The envelope first: a foreign value is reported as such, not as a missing key.
         check_envelope(blob, what=what)
-        plaintext = open_sealed(blob, [await self.resolve_key(create=False)], what=what)
+        keys = [await self.resolve_key(create=False)]
+        plaintext = open_sealed(blob, keys, name=name, what=what)
         try:
             return state_from_json(plaintext)
         except ValueError as exc:

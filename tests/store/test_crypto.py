@@ -1,4 +1,5 @@
-"""The sealing envelope and key loading: round trips, tampering, key ids, key sources."""
+"""The sealing envelope and key loading: round trips, names, the old format, tampering, key
+ids, key sources."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ from proxy.errors import StoreError
 from proxy.store.crypto import (
     HEADER_BYTES,
     KID_BYTES,
+    LEGACY_MAGIC,
     MAGIC,
     NONCE_BYTES,
+    check_envelope,
     format_key,
     generate_key,
+    is_legacy,
     key_id,
     key_source,
     load_key,
@@ -26,19 +30,68 @@ from proxy.store.crypto import (
     seal,
     sealed_key_id,
 )
+from tests.store.old_format import GOLDEN_KEY, GOLDEN_PLAINTEXT, GOLDEN_V1, seal_v1
 
 PLAINTEXT = b'{"access_token":"AT-123","refresh_token":"RT-456"}'
+NAME = "acme"
 
 
 def test_round_trip() -> None:
     key = generate_key()
-    assert open_sealed(seal(PLAINTEXT, key), [key]) == PLAINTEXT
-    assert open_sealed(seal(b"", key), [key]) == b""
+    assert open_sealed(seal(PLAINTEXT, key, name=NAME), [key], name=NAME) == PLAINTEXT
+    assert open_sealed(seal(b"", key, name=NAME), [key], name=NAME) == b""
+
+
+@pytest.mark.parametrize("other", ["acme2", "acm", "default", "globex", ""])
+def test_an_entry_opens_under_its_own_name_only(other: str) -> None:
+    key = generate_key()
+    blob = seal(PLAINTEXT, key, name=NAME)
+    with pytest.raises(StoreError) as caught:
+        open_sealed(blob, [key], name=other, what="token file x")
+    detail = caught.value.detail
+    assert detail == (
+        f"token file x does not open as connection {other}'s entry (authentication failed):"
+        " it is corrupt, or it is another connection's entry copied there"
+    )
+    assert "AT-123" not in detail
+    assert key.hex() not in detail
+
+
+def test_the_current_format_is_version_2_and_the_old_one_is_told_apart() -> None:
+    key = generate_key()
+    assert MAGIC == b"PLEOPX2\n"
+    assert LEGACY_MAGIC == b"PLEOPX1\n"
+    assert not is_legacy(seal(PLAINTEXT, key, name=NAME))
+    assert is_legacy(seal_v1(PLAINTEXT, key))
+    check_envelope(seal_v1(PLAINTEXT, key))
+    assert sealed_key_id(seal_v1(PLAINTEXT, key)) == key_id(key)
+
+
+def test_an_old_format_blob_from_the_released_code_opens_under_any_name() -> None:
+    # GOLDEN_V1 was made by the PLEOPX1 seal() as released, not by this test's helper.
+    assert open_sealed(GOLDEN_V1, [GOLDEN_KEY], name=NAME) == GOLDEN_PLAINTEXT
+    # It binds no name: it opens as any (the residual risk SECURITY.md states, threat 5).
+    assert open_sealed(GOLDEN_V1, [GOLDEN_KEY], name="other") == GOLDEN_PLAINTEXT
+    # Once its key is retired (rotate-key), it opens under none.
+    with pytest.raises(StoreError, match="not the configured key"):
+        open_sealed(GOLDEN_V1, [generate_key()], name=NAME)
+    # The helper the store tests use writes exactly that format.
+    assert open_sealed(seal_v1(b"x", GOLDEN_KEY), [GOLDEN_KEY], name=NAME) == b"x"
+
+
+def test_an_old_format_blob_with_any_byte_changed_is_refused() -> None:
+    key = generate_key()
+    blob = seal_v1(b"short secret", key)
+    for index in range(len(LEGACY_MAGIC), len(blob)):
+        tampered = bytearray(blob)
+        tampered[index] ^= 0x01
+        with pytest.raises(StoreError):
+            open_sealed(bytes(tampered), [key], name=NAME)
 
 
 def test_sealed_blob_carries_magic_and_key_id_but_no_plaintext() -> None:
     key = generate_key()
-    blob = seal(PLAINTEXT, key)
+    blob = seal(PLAINTEXT, key, name=NAME)
     assert blob.startswith(MAGIC)
     assert blob[len(MAGIC) : len(MAGIC) + KID_BYTES].hex() == key_id(key)
     assert b"AT-123" not in blob
@@ -47,38 +100,42 @@ def test_sealed_blob_carries_magic_and_key_id_but_no_plaintext() -> None:
 
 def test_sealed_key_id_reads_the_header_without_a_key() -> None:
     key = generate_key()
-    assert sealed_key_id(seal(PLAINTEXT, key)) == key_id(key)
+    assert sealed_key_id(seal(PLAINTEXT, key, name=NAME)) == key_id(key)
     with pytest.raises(StoreError, match="foreign"):
         sealed_key_id(b"not an envelope", what="token file x")
 
 
 def test_opens_with_whichever_configured_key_sealed_it() -> None:
     first, second = generate_key(), generate_key()
-    assert open_sealed(seal(PLAINTEXT, second), [first, second]) == PLAINTEXT
+    assert open_sealed(seal(PLAINTEXT, second, name=NAME), [first, second], name=NAME) == (
+        PLAINTEXT
+    )
+    old = seal_v1(PLAINTEXT, second)
+    assert open_sealed(old, [first, second], name=NAME) == PLAINTEXT
 
 
 def test_tampering_with_any_byte_is_an_error() -> None:
     key = generate_key()
-    blob = seal(b"short secret", key)
+    blob = seal(b"short secret", key, name=NAME)
     for index in range(len(blob)):
         tampered = bytearray(blob)
         tampered[index] ^= 0x01
         with pytest.raises(StoreError):
-            open_sealed(bytes(tampered), [key])
+            open_sealed(bytes(tampered), [key], name=NAME)
 
 
 def test_truncation_is_an_error() -> None:
     key = generate_key()
-    blob = seal(PLAINTEXT, key)
+    blob = seal(PLAINTEXT, key, name=NAME)
     for length in (0, len(MAGIC), HEADER_BYTES, HEADER_BYTES + 15, len(blob) - 1):
         with pytest.raises(StoreError):
-            open_sealed(blob[:length], [key])
+            open_sealed(blob[:length], [key], name=NAME)
 
 
 def test_wrong_key_names_both_key_ids() -> None:
     sealer, configured = generate_key(), generate_key()
     with pytest.raises(StoreError) as caught:
-        open_sealed(seal(PLAINTEXT, sealer), [configured])
+        open_sealed(seal(PLAINTEXT, sealer, name=NAME), [configured], name=NAME)
     detail = caught.value.detail
     assert detail == (
         f"token file was sealed with key id {key_id(sealer)} which is not the configured key"
@@ -90,26 +147,34 @@ def test_kid_swap_fails_authentication() -> None:
     # Relabel a blob sealed under `first` as sealed under `second`: with both keys
     # configured, `second` is chosen, and GCM (key and AAD both differ) refuses it.
     first, second = generate_key(), generate_key()
-    blob = bytearray(seal(PLAINTEXT, first))
-    blob[len(MAGIC) : len(MAGIC) + KID_BYTES] = bytes.fromhex(key_id(second))
-    with pytest.raises(StoreError, match="authentication failed"):
-        open_sealed(bytes(blob), [first, second])
+    for blob in (
+        bytearray(seal(PLAINTEXT, first, name=NAME)),
+        bytearray(seal_v1(PLAINTEXT, first)),
+    ):
+        blob[len(MAGIC) : len(MAGIC) + KID_BYTES] = bytes.fromhex(key_id(second))
+        with pytest.raises(StoreError, match="authentication failed"):
+            open_sealed(bytes(blob), [first, second], name=NAME)
 
 
 def test_version_and_foreign_data_are_named() -> None:
     key = generate_key()
-    blob = seal(PLAINTEXT, key)
+    blob = seal(PLAINTEXT, key, name=NAME)
     with pytest.raises(StoreError, match="unsupported format version"):
-        open_sealed(b"PLEOPX2\n" + blob[len(MAGIC) :], [key])
+        open_sealed(b"PLEOPX3\n" + blob[len(MAGIC) :], [key], name=NAME)
     with pytest.raises(StoreError, match="foreign: not sealed by pleo-proxy"):
-        open_sealed(b'{"access_token": "x"}', [key])
+        open_sealed(b'{"access_token": "x"}', [key], name=NAME)
     with pytest.raises(StoreError, match="token value in Redis is foreign"):
-        open_sealed(b"", [key], what="token value in Redis")
+        open_sealed(b"", [key], name=NAME, what="token value in Redis")
+    # The old magic relabelled as the new one (or back) is refused: the header is bound.
+    with pytest.raises(StoreError, match="authentication failed"):
+        open_sealed(MAGIC + seal_v1(PLAINTEXT, key)[len(MAGIC) :], [key], name=NAME)
+    with pytest.raises(StoreError, match="authentication failed"):
+        open_sealed(LEGACY_MAGIC + blob[len(MAGIC) :], [key], name=NAME)
 
 
 def test_nonces_and_ciphertexts_are_unique() -> None:
     key = generate_key()
-    blobs = [seal(PLAINTEXT, key) for _ in range(2000)]
+    blobs = [seal(PLAINTEXT, key, name=NAME) for _ in range(2000)]
     nonces = {b[len(MAGIC) + KID_BYTES : HEADER_BYTES] for b in blobs}
     assert len(nonces) == len(blobs)
     assert all(len(n) == NONCE_BYTES for n in nonces)
@@ -125,7 +190,7 @@ def test_key_id_is_stable_and_distinct() -> None:
 
 def test_wrong_size_key_is_refused() -> None:
     with pytest.raises(StoreError, match="32 bytes"):
-        seal(PLAINTEXT, b"k" * 16)
+        seal(PLAINTEXT, b"k" * 16, name=NAME)
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from proxy.errors import StoreError
+from proxy.names import DEFAULT_CONNECTION
 from proxy.store.crypto import generate_key, key_id, open_sealed, seal
 from proxy.store.file import FileStore
 from tests.store.contract import CHECKS, Check, Harness, check_id, sample_state
@@ -143,7 +144,8 @@ async def test_corrupt_file_is_error_and_untouched(
 async def test_malformed_plaintext_is_error(paths: Paths) -> None:
     key = generate_key()
     paths.state_dir.mkdir()
-    paths.token.write_bytes(seal(b'{"version": 1, "tokens": {"access_token": "x"}}', key))
+    plaintext = b'{"version": 1, "tokens": {"access_token": "x"}}'
+    paths.token.write_bytes(seal(plaintext, key, name=DEFAULT_CONNECTION))
     store = paths.store(key)
     with pytest.raises(StoreError, match="corrupt") as caught:
         await store.load()
@@ -262,6 +264,7 @@ async def run_child(script: str, *, prefix: tuple[str, ...] = ()) -> str:
 TRY_SAVE = """
 import asyncio
 from proxy.errors import StoreError
+from proxy.names import DEFAULT_CONNECTION
 from proxy.tokenset import StoredState
 
 async def _try():
@@ -339,7 +342,7 @@ async def test_key_from_environment(paths: Paths) -> None:
     await store.verify()
     await store.save(sample_state(1))
     assert not paths.key.exists()
-    assert open_sealed(paths.token.read_bytes(), [key])
+    assert open_sealed(paths.token.read_bytes(), [key], name=DEFAULT_CONNECTION)
     assert await store.load() == sample_state(1)
     await store.close()
 

@@ -21,8 +21,10 @@ from proxy.store import open_stores
 from proxy.store.crypto import generate_key, key_id, open_sealed, read_key_file, seal
 from proxy.store.file import FileStore, old_key_path
 from proxy.store.files import FileStores, rotate_key
+from tests.store import names_contract
 from tests.store.connections_contract import STORES_CHECKS, StoresCheck, StoresHarness
 from tests.store.contract import check_id, sample_state
+from tests.store.names_contract import NAMES_CHECKS, EntriesHarness
 
 CONNECTIONS = ("acme", "globex", "initech.eu")
 
@@ -85,6 +87,39 @@ def harness(paths: Paths) -> StoresHarness:
 @pytest.mark.parametrize("check", STORES_CHECKS, ids=check_id)
 async def test_connections_contract(check: StoresCheck, harness: StoresHarness) -> None:
     await asyncio.wait_for(check(harness), 90.0)
+
+
+@pytest.fixture
+def entries(paths: Paths) -> EntriesHarness:
+    async def make_stores() -> FileStores:
+        return paths.stores()
+
+    async def make_legacy() -> FileStore:
+        return FileStore.from_config(paths.config())
+
+    async def read_entry(name: str) -> bytes | None:
+        path = paths.entry(name)
+        return path.read_bytes() if path.exists() else None
+
+    async def write_entry(name: str, blob: bytes) -> None:
+        paths.entry(name).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        paths.entry(name).write_bytes(blob)
+
+    async def rotate() -> None:
+        await rotate_key(paths.config(), environ={})
+
+    return EntriesHarness(make_stores, make_legacy, read_entry, write_entry, paths.key, rotate)
+
+
+@pytest.mark.parametrize("check", NAMES_CHECKS, ids=check_id)
+async def test_names_contract(check: names_contract.Check, entries: EntriesHarness) -> None:
+    await asyncio.wait_for(check(entries), 90.0)
+
+
+async def test_after_rotate_key_no_old_format_blob_opens(entries: EntriesHarness) -> None:
+    await asyncio.wait_for(
+        names_contract.check_after_rotate_key_no_old_format_blob_opens(entries), 90.0
+    )
 
 
 def mode(path: Path) -> int:
@@ -208,7 +243,7 @@ async def assert_all_sealed_under(paths: Paths, key: bytes) -> None:
     stores = paths.stores(key)  # this key and no other
     for n, name in enumerate((DEFAULT_CONNECTION, *CONNECTIONS)):
         assert await stores.store(name).load() == sample_state(n, marker=name)
-        assert open_sealed(paths.entry(name).read_bytes(), [key])
+        assert open_sealed(paths.entry(name).read_bytes(), [key], name=name)
     await stores.close()
 
 
@@ -224,7 +259,7 @@ async def test_rotate_key(paths: Paths) -> None:
     assert await store.load() == sample_state(3)
     with pytest.raises(StoreError, match=key_id(new_key)):
         await paths.store(old_key).load()
-    assert open_sealed(paths.token.read_bytes(), [new_key])
+    assert open_sealed(paths.token.read_bytes(), [new_key], name=DEFAULT_CONNECTION)
     await store.close()
 
 
@@ -243,9 +278,8 @@ async def test_rotate_key_finishes_an_interrupted_rotation(paths: Paths) -> None
     # are still sealed under the key kept in `.old` (one was re-sealed already).
     old_key, newer_key = generate_key(), generate_key()
     await save_all(paths, old_key)
-    paths.entry("globex").write_bytes(
-        seal(open_sealed(paths.entry("globex").read_bytes(), [old_key]), newer_key)
-    )
+    plaintext = open_sealed(paths.entry("globex").read_bytes(), [old_key], name="globex")
+    paths.entry("globex").write_bytes(seal(plaintext, newer_key, name="globex"))
     paths.key.write_bytes(base64.b64encode(newer_key) + b"\n")
     paths.key.chmod(0o600)
     old_key_path(paths.key).write_bytes(base64.b64encode(old_key) + b"\n")
@@ -282,7 +316,7 @@ async def test_rotate_key_stopped_by_a_held_lock_can_be_finished(paths: Paths) -
 async def test_rotate_key_refuses_when_an_entry_does_not_open(paths: Paths) -> None:
     await save_all(paths)
     key_before = paths.key.read_bytes()
-    foreign = seal(b'{"version": 1}', generate_key())
+    foreign = seal(b'{"version": 1}', generate_key(), name="initech.eu")
     paths.entry("initech.eu").write_bytes(foreign)
     with pytest.raises(StoreError, match=r"initech\.eu"):
         await rotate_key(paths.config(), environ={})
@@ -317,5 +351,5 @@ async def test_save_after_rotation_by_another_store_uses_the_new_key(paths: Path
     await rotate_key(paths.config(), environ={})
     await running.store("acme").save(replace(sample_state(2), company_name="after rotation"))
     new_key = read_key_file(paths.key)
-    assert open_sealed(paths.entry("acme").read_bytes(), [new_key])
+    assert open_sealed(paths.entry("acme").read_bytes(), [new_key], name="acme")
     await running.close()

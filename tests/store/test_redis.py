@@ -23,11 +23,13 @@ from proxy.errors import LockTimeout, StoreError
 from proxy.names import DEFAULT_CONNECTION
 from proxy.store import open_store, open_stores
 from proxy.store.crypto import generate_key, key_id
-from proxy.store.redis import RedisStore, RedisStores, key_prefix
+from proxy.store.redis import RedisStore, RedisStores, entry_keys, key_prefix
 from proxy.store.redisclient import RedisBackend
 from tests.redis_server import redis_url  # noqa: F401
+from tests.store import names_contract
 from tests.store.connections_contract import STORES_CHECKS, StoresCheck, StoresHarness
 from tests.store.contract import CHECKS, Check, Harness, check_id, sample_state
+from tests.store.names_contract import NAMES_CHECKS, EntriesHarness
 
 CHILD_TIMEOUT = 30.0
 PREFIX = "pleo-proxy:test:"
@@ -126,6 +128,32 @@ def stores_harness(location: Location, raw: aioredis.Redis) -> StoresHarness:
 @pytest.mark.parametrize("check", STORES_CHECKS, ids=check_id)
 async def test_connections_contract(check: StoresCheck, stores_harness: StoresHarness) -> None:
     await asyncio.wait_for(check(stores_harness), 90.0)
+
+
+@pytest.fixture
+def entries(location: Location, raw: aioredis.Redis) -> EntriesHarness:
+    async def make_stores() -> RedisStores:
+        return location.stores()
+
+    async def make_legacy() -> RedisStore:
+        return location.store()
+
+    async def read_entry(name: str) -> bytes | None:
+        value = await raw.get(entry_keys(PREFIX, name).state)
+        return value.encode() if isinstance(value, str) else value
+
+    async def write_entry(name: str, blob: bytes) -> None:
+        await raw.set(entry_keys(PREFIX, name).state, blob)
+        if name != DEFAULT_CONNECTION:
+            await raw.sadd(f"{PREFIX}connections", name)
+
+    # No rotate-key for Redis (the CLI refuses it), so no rotation check here.
+    return EntriesHarness(make_stores, make_legacy, read_entry, write_entry, location.key_file)
+
+
+@pytest.mark.parametrize("check", NAMES_CHECKS, ids=check_id)
+async def test_names_contract(check: names_contract.Check, entries: EntriesHarness) -> None:
+    await asyncio.wait_for(check(entries), 90.0)
 
 
 async def raw_get(location: Location, key: str) -> bytes | None:
