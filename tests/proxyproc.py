@@ -44,6 +44,9 @@ class RecordingCredentials:
     renew: bool = True
     authorization_calls: list[bool] = field(default_factory=list)  # the `replayable` flags
     rejected: list[str] = field(default_factory=list)
+    # What another process stored meanwhile (`stored_since`); None: nothing newer.
+    stored: str | None = None
+    stored_since_calls: list[str] = field(default_factory=list)
 
     @property
     def calls(self) -> int:
@@ -52,6 +55,12 @@ class RecordingCredentials:
     async def authorization(self, *, replayable: bool = True) -> Secret:
         self.authorization_calls.append(replayable)
         return Secret(f"Bearer {self.tokens[0]}")
+
+    async def stored_since(self, sent: Secret) -> Secret | None:
+        self.stored_since_calls.append(sent.reveal())
+        if self.stored is None or f"Bearer {self.stored}" == sent.reveal():
+            return None
+        return Secret(f"Bearer {self.stored}")
 
     async def on_rejected(self, sent: Secret) -> Secret | None:
         self.rejected.append(sent.reveal())

@@ -268,8 +268,16 @@ async def _exchange(
         observe.replay("no_new_token")
         return first, {}
     first.close()  # the rejected answer is dropped; its connection is not worth draining
-    # A 401 to the replay goes back as it is: the token owner has had its one chance.
     replayed = await _send(sender, outbound, fresh, observe)
+    if replayed.status == 401:
+        # Another process may have rotated the grant while the replay was on its way
+        # (Pleo invalidates every earlier token at once): the token it stored gets one
+        # send. Nothing is refreshed for it; without one the 401 goes back as it is.
+        newer = await credentials.stored_since(fresh)
+        if newer is not None:
+            replayed.close()
+            observe.replay("rotated_meanwhile")
+            replayed = await _send(sender, outbound, newer, observe)
     observe.replay("rejected" if replayed.status == 401 else "ok")
     return replayed, {}
 

@@ -24,6 +24,10 @@ class CredentialSource(Protocol):
     async def on_rejected(self, sent: Secret) -> Secret | None:
         """Pleo answered 401 to `sent`: the value to replay with once, or None."""
 
+    async def stored_since(self, sent: Secret) -> Secret | None:
+        """A value another process stored after `sent` was handed out, found without
+        refreshing (None: there is none). Asked when the replay itself got a 401."""
+
 
 class ApiKeySource:
     """Pleo standalone API key: HTTP Basic with the key as user and an empty password."""
@@ -37,4 +41,7 @@ class ApiKeySource:
 
     async def on_rejected(self, sent: Secret) -> Secret | None:
         # A rejected API key cannot be renewed by us: the 401 goes back as it is.
+        return None
+
+    async def stored_since(self, sent: Secret) -> Secret | None:
         return None

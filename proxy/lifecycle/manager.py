@@ -212,6 +212,22 @@ class TokenManager:
         tokens = await self._refresher.refresh(RefreshRequest(rejected=sent))
         return bearer(tokens)
 
+    async def stored_since(self, sent: Secret) -> Secret | None:
+        """Tokens another process stored after `sent`: the store read now, never a refresh.
+
+        Pleo invalidates every earlier token the moment a grant is refreshed, so with
+        several processes sharing a grant a replay can meet a rotation made while it was
+        on its way; the token that rotation stored is then worth one more send.
+        """
+        self._require_started()
+        await self.reread()
+        current = self.tokens
+        if current is None or bearer(current) == sent:
+            return None
+        if not self._expiry.is_valid(current, self._clock()):
+            return None
+        return bearer(current)
+
     async def current_token(self) -> TokenSet:
         """A valid token set (refreshing under the lock if needed): for `pleo-proxy token`."""
         await self.authorization()

@@ -42,7 +42,8 @@ REFRESH_OUTCOMES = (
     "lock_lost",
     "interrupted",
 )
-REPLAY_RESULTS = ("ok", "rejected", "body_too_large", "no_new_token")
+# rotated_meanwhile: the replay met a rotation by another process; sent once more.
+REPLAY_RESULTS = ("ok", "rejected", "body_too_large", "no_new_token", "rotated_meanwhile")
 GUARD_REASONS = (
     "host_not_allowed",
     "cross_site_request",

@@ -76,6 +76,9 @@ class FailingCredentials:
     async def on_rejected(self, sent: Secret) -> Secret | None:
         raise AssertionError("never reached")
 
+    async def stored_since(self, sent: Secret) -> Secret | None:
+        raise AssertionError("never reached")
+
 
 async def test_proxy_errors_become_their_json(
     upstream: EchoUpstream, client: aiohttp.ClientSession

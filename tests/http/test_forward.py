@@ -437,6 +437,45 @@ async def test_401_to_the_replay_goes_back_as_it_is(
 
     assert [s.authorization for s in upstream.seen] == ["Bearer token-1", "Bearer token-2"]
     assert credentials.rejected == ["Bearer token-1"]
+    assert credentials.stored_since_calls == ["Bearer token-2"], "asked, and nothing newer"
+
+
+async def test_a_replay_that_meets_a_rotation_by_another_process_is_sent_once_more(
+    proxy: TestServer,
+    upstream: EchoUpstream,
+    client: aiohttp.ClientSession,
+    credentials: RecordingCredentials,
+) -> None:
+    async def only_token_3(request: web.Request, seen: Seen) -> web.StreamResponse:
+        if seen.authorization != "Bearer token-3":
+            return await always_401(request, seen)
+        return web.json_response({"ok": True, "length": len(seen.body)})
+
+    upstream.respond = only_token_3
+    credentials.stored = "token-3"  # what another process stored while token-2 travelled
+    async with client.post(url_of(proxy, "/v1/expenses"), data=b"z" * 100) as response:
+        assert response.status == 200
+        assert await response.json() == {"ok": True, "length": 100}
+    assert [s.authorization for s in upstream.seen] == [
+        "Bearer token-1",
+        "Bearer token-2",
+        "Bearer token-3",
+    ]
+    assert upstream.seen[2].body == b"z" * 100
+    assert credentials.rejected == ["Bearer token-1"], "no refresh for the third send"
+
+
+async def test_when_the_rotated_token_is_refused_too_its_401_goes_back(
+    proxy: TestServer,
+    upstream: EchoUpstream,
+    client: aiohttp.ClientSession,
+    credentials: RecordingCredentials,
+) -> None:
+    upstream.respond = always_401
+    credentials.stored = "token-3"
+    async with client.get(url_of(proxy, "/v1/me")) as response:
+        assert response.status == 401
+    assert upstream.hits == 3, "one more send at most, never a loop"
 
 
 async def test_401_without_a_new_credential_goes_back_as_it_is(

@@ -237,6 +237,23 @@ async def test_two_managers_on_one_file_never_reuse_a_refresh_token(
     await assert_one_refresh_no_reuse(sandbox)
 
 
+async def test_a_token_another_process_stored_is_found_without_a_refresh(
+    sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    config = await authorised_manager_config(sandbox, tmp_path, ttl=300)
+    async with running_manager(config) as first, running_manager(config) as second:
+        old = await install_fresh(first, config)
+        await asyncio.sleep(1.05)  # re-reads are throttled to one a second
+        handed_out = await second.authorization()
+        assert handed_out == bearer(old)
+        assert await second.stored_since(handed_out) is None, "nothing newer yet"
+        rotated = await first.on_rejected(bearer(old))  # the other process refreshes
+        before = (await get_stats(sandbox.url))["token_requests"]
+        assert await second.stored_since(handed_out) == rotated
+        assert (await get_stats(sandbox.url))["token_requests"] == before, "no token call"
+    await assert_one_refresh_no_reuse(sandbox)
+
+
 async def test_interrupted_refresh_with_spent_token_reports_it(
     sandbox: RunningSandbox, tmp_path: Path
 ) -> None:
