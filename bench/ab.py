@@ -25,6 +25,7 @@ from bench.run import (
     free_port,
     measure_small,
     proxy_config,
+    start_upstream,
     wait_ready,
 )
 
@@ -46,12 +47,10 @@ def _argv(name: str, port: int, upstream: str, workdir: Path) -> list[str]:
 async def rounds(count: int, seconds: float, connections: int) -> dict[str, list[Latency]]:
     with tempfile.TemporaryDirectory(prefix="pleo-ab-") as tmp:
         workdir = Path(tmp)
-        upstream_port = free_port()
-        upstream = f"http://127.0.0.1:{upstream_port}"
-        argv = ["-m", "bench.run", "--port", str(upstream_port), "--serve", "upstream"]
-        started = [_spawn(argv, workdir / "upstream.log")]
+        stand_in = await start_upstream(workdir)
+        upstream = stand_in.url
+        started = [stand_in.process]
         try:
-            await wait_ready(Server(upstream, started[0]), "/small", workdir / "upstream.log")
             servers = {}
             for index, name in enumerate(NAMES):
                 port = free_port()

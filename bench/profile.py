@@ -29,6 +29,7 @@ from bench.run import (
     free_port,
     measure_small,
     proxy_config,
+    start_upstream,
     wait_ready,
 )
 
@@ -62,13 +63,11 @@ def summarise(raw: str, top: int) -> str:
 async def profile(seconds: float, connections: int, raw_path: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="pleo-profile-") as tmp:
         workdir = Path(tmp)
-        upstream_port, proxy_port = free_port(), free_port()
-        upstream = f"http://127.0.0.1:{upstream_port}"
-        argv = ["-m", "bench.run", "--port", str(upstream_port), "--serve", "upstream"]
-        started = [_spawn(argv, workdir / "upstream.log")]
+        proxy_port = free_port()
+        upstream = await start_upstream(workdir)
+        started = [upstream.process]
         try:
-            await wait_ready(Server(upstream, started[0]), "/small", workdir / "upstream.log")
-            config = proxy_config(workdir, proxy_port, upstream)
+            config = proxy_config(workdir, proxy_port, upstream.url)
             started.append(
                 _spawn(["-m", "proxy", "run", "--config", str(config)], workdir / "proxy.log")
             )

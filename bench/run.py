@@ -228,6 +228,20 @@ async def wait_ready(server: Server, path: str, log_path: Path) -> None:
     raise RuntimeError(f"server at {server.url} did not start:\n{tail(log_path)}")
 
 
+async def start_upstream(workdir: Path) -> Server:
+    """The upstream stand-in in its own process on a free port, answering (stop it after)."""
+    port = free_port()
+    log_path = workdir / "upstream.log"
+    argv = ["-m", "bench.run", "--port", str(port), "--serve", "upstream"]
+    server = Server(f"http://127.0.0.1:{port}", _spawn(argv, log_path))
+    try:
+        await wait_ready(server, "/small", log_path)
+    except BaseException:
+        _stop(server.process)
+        raise
+    return server
+
+
 def proxy_config(workdir: Path, port: int, upstream: str) -> Path:
     """A minimal API-key-mode config file (the key is a bench value, not a credential)."""
     config = {
