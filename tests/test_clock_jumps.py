@@ -27,6 +27,7 @@ from proxy.lifecycle.clocks import steady_clock
 from proxy.lifecycle.oauth import parse_token_response
 from proxy.lifecycle.registry import Registry
 from proxy.store import open_stores
+from tests.clocks import Shifted
 from tests.flows import sandbox_config
 from tests.processes import free_port
 from tests.sandboxes import RunningSandbox, get_grants, get_stats, reset_stats, sandbox, set_knobs
@@ -37,17 +38,6 @@ HOUR = 3600.0
 MAX_CONCURRENT = 4
 CLIENTS = 16
 TIMEOUT = aiohttp.ClientTimeout(total=20)
-
-
-class Shifted:
-    """A real clock plus an offset the test changes: a step, or the hour a suspend took."""
-
-    def __init__(self, base: Callable[[], float]) -> None:
-        self.base = base
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return self.base() + self.offset
 
 
 def config_for(sandbox: RunningSandbox, tmp_path: Path) -> Config:

@@ -29,22 +29,12 @@ from proxy.secret import Secret
 from proxy.store import ConnectionStores, open_stores
 from proxy.store.file import FileStore
 from proxy.tokenset import TokenSet
+from tests.clocks import Shifted
 from tests.connections import wait_until
 from tests.flows import grant_tokens, sandbox_config
 from tests.sandboxes import RunningSandbox, get_stats, sandbox, set_knobs
 
 __all__ = ["sandbox"]
-
-
-class Shifted:
-    """A real clock plus an offset the test changes (a step of the wall clock, say)."""
-
-    def __init__(self, base: Callable[[], float]) -> None:
-        self.base = base
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return self.base() + self.offset
 
 
 @asynccontextmanager

@@ -18,6 +18,7 @@ from proxy.lifecycle.registry import Registry
 from proxy.lifecycle.rules import Due, refresh_due, spread
 from proxy.lifecycle.scheduler import MAX_SLEEP, RefreshScheduler
 from proxy.store import open_stores
+from tests.clocks import Shifted
 from tests.flows import sandbox_config
 from tests.sandboxes import RunningSandbox, get_stats, sandbox, set_knobs
 
@@ -123,17 +124,6 @@ def test_jitter_spreads_due_times_but_keeps_them_before_the_margin() -> None:
     )
     assert idle is not None
     assert idle.keepalive, "an idle connection is only kept alive"
-
-
-class Shifted:
-    """A real clock plus an offset the test changes: a step, or a suspend's lost hour."""
-
-    def __init__(self, base: Callable[[], float]) -> None:
-        self.base = base
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return self.base() + self.offset
 
 
 @asynccontextmanager
