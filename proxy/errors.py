@@ -54,6 +54,9 @@ class ProxyError(Exception):
         return {}
 
 
+FILE_PROBLEM_PATH = "(file)"  # the path of config problems about the file as a whole
+
+
 @dataclass(frozen=True)
 class Problem:
     """One configuration problem: where it is and what is wrong."""

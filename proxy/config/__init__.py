@@ -57,7 +57,7 @@ from proxy.config.values import (
     parse_url,
     parse_within,
 )
-from proxy.errors import ConfigError, Problem
+from proxy.errors import FILE_PROBLEM_PATH, ConfigError, Problem
 from proxy.secret import Secret
 
 Environment = Literal["production", "staging", "sandbox"]
@@ -67,7 +67,6 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 
 SANDBOX_DEFAULT_PORT = 8090
 CALLBACK_PATH = "/_proxy/callback"
-FILE_PROBLEM_PATH = "(file)"  # the path of problems about the file as a whole
 
 # (api_url, authorize_url, token_url); the sandbox row is built from its base URL.
 ENVIRONMENTS: dict[str, tuple[str, str, str]] = {

@@ -12,8 +12,7 @@ from typing import Any
 
 import yaml
 
-from proxy.config import FILE_PROBLEM_PATH
-from proxy.errors import ConfigError, Problem
+from proxy.errors import FILE_PROBLEM_PATH, ConfigError, Problem
 
 
 def parse_document(text: str) -> object:
