@@ -175,23 +175,14 @@ def _outbound(request: web.Request, config: Config, body: Body, raw_path: str) -
         headers.popall("Content-Length", None)
     url = upstream_url(config.pleo.api_url, raw_path)
     retry = RetryPlan.for_request(config.upstream, request.method, replayable=body.replayable)
-    return Outbound(request.method, url, headers, body, _timeout_of(config), retry)
+    timeouts = _timeouts(config.timeouts.connect, config.timeouts.read)
+    return Outbound(request.method, url, headers, body, timeouts, retry)
 
 
-_timeouts: dict[int, tuple[Config, aiohttp.ClientTimeout]] = {}
-
-
-def _timeout_of(config: Config) -> aiohttp.ClientTimeout:
-    """One per live config (a reload makes a new one), not one per request."""
-    known = _timeouts.get(id(config))
-    if known is not None and known[0] is config:
-        return known[1]
-    timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=config.timeouts.connect, sock_read=config.timeouts.read
-    )
-    _timeouts.clear()  # the previous config is gone: keep the one in use only
-    _timeouts[id(config)] = (config, timeout)
-    return timeout
+@functools.lru_cache(maxsize=8)
+def _timeouts(connect: float | None, read: float | None) -> aiohttp.ClientTimeout:
+    # One per pair of settings (a reload may change them), not one per request.
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read)
 
 
 @dataclass(slots=True)

@@ -82,8 +82,8 @@ class Traffic:
     in_flight: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
-    # (method label, status // 100) → requests answered
-    answered: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
+    # (method label, status class) → requests answered
+    answered: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
 
 
 class _TrafficCollector(Collector):
@@ -99,10 +99,7 @@ class _TrafficCollector(Collector):
             "Requests answered, by method and status class",
             labels=["method", "status_class"],
         )
-        by_label: collections.Counter[tuple[str, str]] = collections.Counter()
-        for (method, hundreds), count in list(traffic.answered.items()):
-            by_label[method, _class_of(hundreds)] += count
-        for (method, klass), count in sorted(by_label.items()):
+        for (method, klass), count in sorted(traffic.answered.items()):
             requests.add_metric([method, klass], float(count))
         yield requests
         yield GaugeMetricFamily(
@@ -114,10 +111,6 @@ class _TrafficCollector(Collector):
         yield CounterMetricFamily(
             "pleo_proxy_response_body_bytes", "Response body bytes sent", traffic.bytes_out
         )
-
-
-def _class_of(hundreds: int) -> str:
-    return f"{hundreds}xx" if 1 <= hundreds <= 5 else "other"
 
 
 class _RefusalCollector(Collector):
@@ -279,8 +272,7 @@ class Metrics(TokenEvents):
 
     def request_done(self, method: str, status: int, *, bytes_in: int, bytes_out: int) -> None:
         traffic = self.traffic
-        key = (method if method in STANDARD_METHODS else method_label(method), status // 100)
-        traffic.answered[key] += 1
+        traffic.answered[method_label(method), status_class(status)] += 1
         traffic.bytes_in += max(0, bytes_in)
         traffic.bytes_out += max(0, bytes_out)
 
