@@ -75,7 +75,7 @@ async def profile(seconds: float, connections: int, raw_path: Path) -> None:
             await wait_ready(proxy, "/small", workdir / "proxy.log")
             await measure_small(proxy.url, connections, 1.0)  # warm up
             spy = await asyncio.create_subprocess_exec(
-                "py-spy", "record", "--format", "raw", "--rate", "250", "--nonblocking",
+                "py-spy", "record", "--format", "raw", "--rate", "999", "--nonblocking",
                 "--duration", str(int(seconds)), "--output", str(raw_path),
                 "--pid", str(proxy.pid),
                 cwd=REPO_ROOT,

@@ -17,7 +17,7 @@ import secrets
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from proxy.ops.logs import redact
+from proxy.ops.logs import log_fields, redact
 from proxy.ops.metrics import metrics_of
 
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -88,24 +88,22 @@ class AccessLogger(AbstractAccessLogger):
         method = redact(request.method)
         duration_ms = round(time * 1000, 1)
         shown_upstream = "-" if upstream_ms is None else upstream_ms
-        self.logger.info(
+        log_fields(
+            self.logger,
+            logging.INFO,
             # Formatted here, no arguments left: every part is redacted or a number.
             f"{method} {path} {response.status} {response.body_length} bytes"
             f" {duration_ms:.1f} ms (upstream {shown_upstream} ms) id={rid}",
-            extra={
-                "fields": {
-                    "method": method,
-                    "path": path,
-                    "status": response.status,
-                    "bytes": response.body_length,
-                    "duration_ms": duration_ms,
-                    "upstream_ms": upstream_ms,
-                    "request_id": rid,
-                },
-                "redacted": True,
+            {
+                "method": method,
+                "path": path,
+                "status": response.status,
+                "bytes": response.body_length,
+                "duration_ms": duration_ms,
+                "upstream_ms": upstream_ms,
+                "request_id": rid,
             },
         )
-
 
 def access_logger() -> logging.Logger:
     return logging.getLogger("proxy.access")

@@ -115,17 +115,17 @@ class JsonFormatter(logging.Formatter):
         self._second = -1
         self._second_text = ""
 
-    def _timestamp(self, record: logging.LogRecord) -> str:
+    def _timestamp(self, created: float, msecs: float) -> str:
         # One strftime per second, not per line: a busy proxy writes thousands a second.
-        second = int(record.created)
+        second = int(created)
         if second != self._second:
             self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
-        return f"{self._second_text}.{int(record.msecs):03d}Z"
+        return f"{self._second_text}.{int(msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         doc = {
-            "ts": self._timestamp(record),
+            "ts": self._timestamp(record.created, record.msecs),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -135,6 +135,20 @@ class JsonFormatter(logging.Formatter):
             doc.update(extra)
         if record.exc_info and record.exc_info[0] is not None:
             doc["exception"] = record.exc_info[0].__name__
+        return _ENCODER.encode(doc)
+
+    def format_fields(
+        self, created: float, level: int, name: str, msg: str, fields: dict[str, Any]
+    ) -> str:
+        """The line `format` gives a record of these parts, without building the record."""
+        msecs = (created - int(created)) * 1000
+        doc = {
+            "ts": self._timestamp(created, msecs),
+            "level": logging.getLevelName(level).lower(),
+            "logger": name,
+            "msg": msg,
+        }
+        doc.update(fields)
         return _ENCODER.encode(doc)
 
 
@@ -156,6 +170,12 @@ class CoalescingHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._waiting: list[str] = []
         self._scheduled = False
 
+    @property
+    def json(self) -> JsonFormatter | None:
+        """The formatter when it writes JSON (what `log_fields` can format for)."""
+        formatter = self.formatter
+        return formatter if type(formatter) is JsonFormatter else None
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record) + self.terminator
@@ -163,6 +183,17 @@ class CoalescingHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(record)
             return
         # emit() runs under the handler's lock (Handler.handle), so does the list.
+        self._add(line)
+
+    def emit_line(self, line: str) -> None:
+        """A line already formatted (see `log_fields`), queued like an emitted record's."""
+        self.acquire()
+        try:
+            self._add(line + self.terminator)
+        finally:
+            self.release()
+
+    def _add(self, line: str) -> None:
         self._waiting.append(line)
         if self._scheduled:
             return
@@ -192,6 +223,46 @@ class CoalescingHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.stream.flush()
         except (OSError, ValueError):
             pass  # stderr gone (closed pipe): nothing left to tell
+
+
+def log_fields(logger: logging.Logger, level: int, msg: str, fields: dict[str, Any]) -> None:
+    """Log a line built only from redacted parts and numbers (the access line).
+
+    When every handler the record would reach is one of ours writing JSON, the line goes
+    to them directly: building a LogRecord and passing it through the logger chain was
+    most of the access line's cost. Anything else (another handler, a filter on a
+    logger, text format) gets the ordinary record. The caller checks the level.
+    """
+    handlers = _json_handlers(logger, level)
+    if handlers is None:
+        logger.log(level, msg, extra={"fields": fields, "redacted": True})
+        return
+    created = time.time()
+    line = ""
+    for handler in handlers:
+        if not line:
+            line = handler.json.format_fields(created, level, logger.name, msg, fields)
+        handler.emit_line(line)
+
+
+def _json_handlers(logger: logging.Logger, level: int) -> list[CoalescingHandler] | None:
+    """The handlers `logger.log` would call, if all are JSON CoalescingHandlers with
+    only the redacting filter and no logger on the way filters; else None."""
+    found: list[CoalescingHandler] = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        for handler in current.handlers:
+            if level < handler.level:
+                continue
+            if type(handler) is not CoalescingHandler or handler.json is None:
+                return None
+            if any(type(f) is not RedactingFilter for f in handler.filters):
+                return None
+            found.append(handler)
+        current = current.parent if current.propagate else None
+    return found or None
 
 
 def log_handler(stream: Any, *, fmt: str) -> logging.Handler:
