@@ -27,6 +27,7 @@ from aiohttp.test_utils import TestServer
 
 from proxy.config import Config, Listen, Pleo, Refresh, Timeouts, TokensConfig
 from proxy.http.app import build_app
+from proxy.http.dispatch import install_shortcut
 from proxy.http.serve import serve
 from proxy.lifecycle.credentials import CredentialSource
 from proxy.secret import Secret
@@ -102,6 +103,8 @@ async def run_proxy_app(
         auto_decompress=False,  # as runner_options: bodies are relayed as they came
     )
     await server.start_server()
+    assert server.runner is not None
+    install_shortcut(server.runner)  # as serve() does; no connection was accepted yet
     try:
         yield server
     finally:

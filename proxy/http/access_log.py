@@ -13,6 +13,7 @@ import itertools
 import logging
 import re
 import secrets
+from time import perf_counter
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -25,6 +26,9 @@ REQUEST_ID_HEADER = "X-Request-Id"
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 UPSTREAM_SECONDS_KEY = web.RequestKey("upstream_seconds", float)
+# time.perf_counter() when the front middleware took the request. aiohttp's own duration
+# comes from loop.time(), which on uvloop ticks in whole milliseconds.
+STARTED_KEY = web.RequestKey("started", float)
 
 
 # Our ids: a random prefix per process and a counter, unique across processes and hosts
@@ -39,8 +43,9 @@ def new_request_id() -> str:
 
 def request_id(request: web.Request) -> str:
     """The request's id: the client's when sane, else a new one (32 hex); stable per request."""
-    if REQUEST_ID_KEY in request:
-        return request[REQUEST_ID_KEY]
+    known = request.get(REQUEST_ID_KEY)
+    if isinstance(known, str):
+        return known
     sent = request.headers.get(REQUEST_ID_HEADER, "")
     chosen = sent if sent and _SANE_REQUEST_ID.fullmatch(sent) else new_request_id()
     request[REQUEST_ID_KEY] = chosen
@@ -50,11 +55,6 @@ def request_id(request: web.Request) -> str:
 def add_upstream_time(request: web.Request, seconds: float) -> None:
     """Account time spent waiting for Pleo (a replay adds to the first attempt)."""
     request[UPSTREAM_SECONDS_KEY] = request.get(UPSTREAM_SECONDS_KEY, 0.0) + seconds
-
-
-async def send_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """`on_response_prepare`: every answer carries the id, refusals and errors included."""
-    response.headers[REQUEST_ID_HEADER] = request_id(request)
 
 
 def _bytes_in(request: web.BaseRequest) -> int:
@@ -86,6 +86,9 @@ class AccessLogger(AbstractAccessLogger):
         path = redact(request.path)
         rid = None if rid is None else redact(rid)
         method = redact(request.method)
+        started = request.get(STARTED_KEY)
+        if started is not None:  # else refused before the front middleware (malformed)
+            time = perf_counter() - started
         duration_ms = round(time * 1000, 1)
         shown_upstream = "-" if upstream_ms is None else upstream_ms
         log_fields(
@@ -104,6 +107,7 @@ class AccessLogger(AbstractAccessLogger):
                 "request_id": rid,
             },
         )
+
 
 def access_logger() -> logging.Logger:
     return logging.getLogger("proxy.access")

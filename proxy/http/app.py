@@ -18,7 +18,7 @@ from aiohttp import web
 
 from proxy.config import Config
 from proxy.connect.routes import authorise_routes, authoriser_ctx
-from proxy.http.access_log import AccessLogger, access_logger, send_request_id
+from proxy.http.access_log import AccessLogger, access_logger
 from proxy.http.body import defer_continue
 from proxy.http.connections_api import connections_api_routes
 from proxy.http.fairness import FAIRNESS_KEY, Fairness
@@ -31,6 +31,7 @@ from proxy.http.keys import (
     CREDENTIALS_KEY,
     EVENTS_KEY,
     FIXED_CONNECTION_KEY,
+    FRONT_KEY,
     REFRESH_HELPER_KEY,
     REGISTRY_KEY,
     STEADY_KEY,
@@ -193,7 +194,9 @@ def build_app(
     live = LiveSettings(config)
     refusals: collections.Counter[str] = collections.Counter()
     metrics = Metrics()
-    app = web.Application(middlewares=[front_middleware(lambda: live.policy, metrics)])
+    front = front_middleware(lambda: live.policy, metrics)
+    app = web.Application(middlewares=[front])
+    app[FRONT_KEY] = front
     app[CONFIG_KEY] = config
     app[LIVE_KEY] = live
     app[CLOCK_KEY] = clock
@@ -208,7 +211,6 @@ def build_app(
     app[FAIRNESS_KEY] = Fairness(
         config.limits.per_connection, on_refusal=app[METRICS_KEY].rate_limited
     )
-    app.on_response_prepare.append(send_request_id)
     app.cleanup_ctx.append(upstream_session_ctx)
     _install_credentials(app, credentials)
     app.add_routes(_routes(config))
@@ -228,7 +230,7 @@ def listener_app(main: web.Application, *, connection: str | None = None) -> web
     app = web.Application(middlewares=[front])
     for key in main:
         app[key] = main[key]  # the same objects: one registry, session and metrics
-    app.on_response_prepare.append(send_request_id)
+    app[FRONT_KEY] = front
     if connection is not None:
         app[FIXED_CONNECTION_KEY] = connection
         app.add_routes(connection_routes())

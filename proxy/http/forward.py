@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NoReturn
 
 import aiohttp
 from aiohttp import web
@@ -88,19 +89,27 @@ class Outbound:
 def map_client_errors() -> Iterator[None]:
     """aiohttp client exceptions → UpstreamTimeout (504) / UpstreamUnreachable (502).
 
-    Details name the failure kind only: never a header, URL credential or token.
+    Details name the failure kind only: never a header, URL credential or token. (The
+    request path catches CLIENT_ERRORS and calls `raise_client_error` itself: a
+    generator context manager costs a few microseconds per use.)
     """
     try:
         yield
-    except ClientBodyTimeout:
-        raise
-    except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
-        # aiohttp wraps a failure of the streamed request body: when the cause is our
-        # client going silent, that is the answer, not an upstream failure.
-        cause = _body_timeout_cause(exc)
-        if cause is not None:
-            raise cause from None
-        raise _upstream_error(exc) from exc
+    except CLIENT_ERRORS as exc:
+        raise_client_error(exc)
+
+
+CLIENT_ERRORS = (aiohttp.ClientError, ConnectionError, TimeoutError)
+
+
+def raise_client_error(exc: BaseException) -> NoReturn:
+    """Raise what a caught CLIENT_ERRORS exception `exc` means for the client."""
+    # aiohttp wraps a failure of the streamed request body: when the cause is our
+    # client going silent, that is the answer, not an upstream failure.
+    cause = _body_timeout_cause(exc)
+    if cause is not None:
+        raise cause from None
+    raise _upstream_error(exc) from exc
 
 
 def _body_timeout_cause(exc: BaseException) -> ClientBodyTimeout | None:
@@ -126,17 +135,12 @@ def _upstream_error(exc: BaseException) -> UpstreamError:
 
 def upstream_url(api_url: str, raw_path: str) -> URL:
     """`api_url` + the raw target, byte-exact: no normalisation, no re-quoting."""
-    url = URL(api_url.rstrip("/") + raw_path, encoded=True)
-    if url.origin() != _origin(api_url):
+    if not raw_path.startswith("/"):
         # Cannot happen for origin-form targets (the guard admits only those); a
-        # cheap belt to the guard's braces so no request ever leaves for another host.
+        # cheap belt to the guard's braces so no request ever leaves for another host:
+        # after a "/" nothing can reach back into the authority (RFC 3986 §3.2).
         raise UpstreamUnreachable("the request target does not map onto the Pleo API")
-    return url
-
-
-@functools.lru_cache(maxsize=8)
-def _origin(api_url: str) -> URL:
-    return URL(api_url).origin()
+    return URL(api_url.rstrip("/") + raw_path, encoded=True)
 
 
 def strip_hop_by_hop(
@@ -148,22 +152,31 @@ def strip_hop_by_hop(
     parsed headers use its own canonical case for well-known names); matched as bytes,
     and only the kept pairs decoded, the way aiohttp decodes parsed headers.
     """
+    return CIMultiDict(kept_headers(raw_headers, excluded=excluded))
+
+
+def kept_headers(
+    raw_headers: Iterable[tuple[bytes, bytes]], *, excluded: frozenset[bytes] = HOP_BY_HOP_RAW
+) -> list[tuple[str, str]]:
+    """The pairs `strip_hop_by_hop` keeps, decoded, in order (no multidict built)."""
     kept: list[tuple[bytes, bytes]] = []
-    named: set[bytes] = set()
+    named: set[bytes] | None = None
     for name, value in raw_headers:
         lower = name.lower()
         if lower in excluded:
             if lower == b"connection":
+                named = named or set()
                 named.update(token.strip() for token in value.lower().split(b","))
             continue
         kept.append((name, value))
-    named -= PLAIN_CONNECTION_TOKENS
     if named:
-        kept = [(name, value) for name, value in kept if name.lower() not in named]
-    return CIMultiDict(
-        [(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-         for name, value in kept]
-    )  # fmt: skip
+        named -= PLAIN_CONNECTION_TOKENS
+        if named:
+            kept = [(name, value) for name, value in kept if name.lower() not in named]
+    return [
+        (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        for name, value in kept
+    ]
 
 
 def _outbound(request: web.Request, config: Config, body: Body, raw_path: str) -> Outbound:
@@ -228,10 +241,11 @@ async def _send_once(
     headers["Authorization"] = authorization.reveal()  # leaves the process here, to Pleo
     started = time.monotonic()
     try:
-        with map_client_errors():
-            return await sender.send(
-                outbound.method, outbound.url, headers, outbound.body, outbound.timeout
-            )
+        return await sender.send(
+            outbound.method, outbound.url, headers, outbound.body, outbound.timeout
+        )
+    except CLIENT_ERRORS as exc:
+        raise_client_error(exc)
     finally:
         observe.upstream(time.monotonic() - started)
 
@@ -292,11 +306,13 @@ async def _relay_response(
     )
     # Content-Length and Content-Encoding pass through as they are; the response
     # is never compressed by us, so the length stays true.
-    response.headers.extend(strip_hop_by_hop(upstream.raw_headers))
-    response.headers.update(extra)
+    headers = response.headers
+    headers.extend(kept_headers(upstream.raw_headers))
+    headers.update(extra)
+    headers[REQUEST_ID_HEADER] = request_id(request)
     await response.prepare(request)
     try:
-        with map_client_errors():
+        try:
             if complete:
                 # All of it is buffered already: taken at once, no read to wait for.
                 await response.write_eof(upstream.content.read_nowait())
@@ -304,6 +320,8 @@ async def _relay_response(
             # As it arrives, like uploads: re-cutting into exact sizes only costs copies.
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
+        except CLIENT_ERRORS as exc:
+            raise_client_error(exc)
     except UpstreamError:
         # The status line is gone: the only honest signal left is a cut connection,
         # so the client sees a truncated body rather than a complete-looking one.
@@ -344,7 +362,9 @@ async def _forward(
     except ClientBodyTimeout as err:
         # The unread rest of the body makes the connection unusable: answer and close
         # now (aiohttp would otherwise linger, reading, for up to 10 s).
-        response = web.json_response(err.body(), status=err.status)
+        response = web.json_response(
+            err.body(), status=err.status, headers={REQUEST_ID_HEADER: request_id(request)}
+        )
         response.force_close()
         await response.prepare(request)
         await response.write_eof()

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from proxy.config import Config
 from proxy.lifecycle.credentials import CredentialSource
@@ -29,3 +30,5 @@ EVENTS_KEY = web.AppKey("events", EventSink)
 REFUSALS_KEY = web.AppKey("guard_refusals", collections.Counter[str])
 # Token exchanges run in the refresh helper process (see proxy/lifecycle/exchange.py).
 REFRESH_HELPER_KEY = web.AppKey("refresh_helper", bool)
+# The front middleware (proxy.http.front), for the router shortcut (proxy.http.dispatch).
+FRONT_KEY: web.AppKey[Middleware] = web.AppKey("front")

@@ -9,7 +9,7 @@ Must not forward, refresh, or read the store beyond the registry's own lookup.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from aiohttp import web
 
@@ -29,8 +29,7 @@ CONNECTION_HEADER = "X-Pleo-Connection"
 PREFIX = "/c/"
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):  # a tuple: built per request, ~3x cheaper than a frozen dataclass
     """The connection a request names (None: none) and the raw target Pleo is sent."""
 
     name: str | None

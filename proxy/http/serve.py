@@ -27,6 +27,7 @@ from aiohttp import web
 from proxy.config import Config, is_loopback_host
 from proxy.errors import ProxyError
 from proxy.http.app import build_app, listener_app, runner_options
+from proxy.http.dispatch import install_shortcut
 from proxy.http.keys import REGISTRY_KEY
 from proxy.http.tls import TLS_KEY, TlsError, certificates_for
 from proxy.lifecycle.credentials import CredentialSource
@@ -206,12 +207,14 @@ async def serve(
     try:
         # setup() runs the cleanup contexts: the store is open and verified after it.
         await runner.setup()
+        install_shortcut(runner)
         for sock in sockets:
             await web.SockSite(runner, sock, ssl_context=ssl_context).start()
         for connection, socks in others:
             side = web.AppRunner(listener_app(app, connection=connection), **runner_options(config))
             side_runners.append(side)
             await side.setup()
+            install_shortcut(side)
             # The pages listener (connection None) stays plain HTTP behind its HTTPS front.
             side_ssl = ssl_context if connection is not None else None
             for sock in socks:

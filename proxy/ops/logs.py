@@ -239,16 +239,18 @@ def log_fields(logger: logging.Logger, level: int, msg: str, fields: dict[str, A
         return
     created = time.time()
     line = ""
-    for handler in handlers:
-        if not line:
-            line = handler.json.format_fields(created, level, logger.name, msg, fields)
+    for handler, formatter in handlers:
+        if not line:  # every JsonFormatter writes the same line
+            line = formatter.format_fields(created, level, logger.name, msg, fields)
         handler.emit_line(line)
 
 
-def _json_handlers(logger: logging.Logger, level: int) -> list[CoalescingHandler] | None:
+def _json_handlers(
+    logger: logging.Logger, level: int
+) -> list[tuple[CoalescingHandler, JsonFormatter]] | None:
     """The handlers `logger.log` would call, if all are JSON CoalescingHandlers with
     only the redacting filter and no logger on the way filters; else None."""
-    found: list[CoalescingHandler] = []
+    found: list[tuple[CoalescingHandler, JsonFormatter]] = []
     current: logging.Logger | None = logger
     while current is not None:
         if current.filters:
@@ -256,11 +258,12 @@ def _json_handlers(logger: logging.Logger, level: int) -> list[CoalescingHandler
         for handler in current.handlers:
             if level < handler.level:
                 continue
-            if type(handler) is not CoalescingHandler or handler.json is None:
+            if not isinstance(handler, CoalescingHandler) or type(handler) is not CoalescingHandler:
                 return None
-            if any(type(f) is not RedactingFilter for f in handler.filters):
+            formatter = handler.json
+            if formatter is None or any(type(f) is not RedactingFilter for f in handler.filters):
                 return None
-            found.append(handler)
+            found.append((handler, formatter))
         current = current.parent if current.propagate else None
     return found or None
 

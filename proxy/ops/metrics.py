@@ -8,9 +8,11 @@ class, and must never see a secret (it is handed numbers and fixed words only).
 
 from __future__ import annotations
 
+import bisect
 import collections
+import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -21,7 +23,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from proxy.lifecycle.rules import TokenEvents
@@ -113,6 +120,43 @@ class _TrafficCollector(Collector):
         )
 
 
+class PlainHistogram:
+    """A histogram as plain numbers, for one event loop: an observation is a bisect and
+    two additions (prometheus_client's takes a lock and walks every bucket)."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(sorted(bounds))
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+
+class _HistogramCollector(Collector):
+    """A PlainHistogram exposed the way prometheus_client's Histogram is (cumulative)."""
+
+    def __init__(self, name: str, documentation: str, histogram: PlainHistogram) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._histogram = histogram
+
+    def collect(self) -> Iterable[Metric]:
+        histogram = self._histogram
+        cumulative = list(itertools.accumulate(histogram.counts))
+        # As prometheus_client writes bucket bounds: 1 → "1.0".
+        bounds = [repr(float(bound)) for bound in histogram.bounds] + ["+Inf"]
+        yield HistogramMetricFamily(
+            self._name,
+            self._documentation,
+            buckets=list(zip(bounds, cumulative, strict=True)),
+            sum_value=histogram.total,
+        )
+
+
 class _RefusalCollector(Collector):
     """Guard refusals, read at scrape time from the guard's own counter."""
 
@@ -199,11 +243,13 @@ class Metrics(TokenEvents):
         # on every inc(), five of them per request (bench/profile.py).
         self.traffic = Traffic()
         registry.register(_TrafficCollector(self.traffic))
-        self.upstream_seconds = Histogram(
-            "pleo_proxy_upstream_seconds",
-            "Time until the Pleo API's response headers arrived",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+        self.upstream_seconds = PlainHistogram(LATENCY_BUCKETS)
+        registry.register(
+            _HistogramCollector(
+                "pleo_proxy_upstream_seconds",
+                "Time until the Pleo API's response headers arrived",
+                self.upstream_seconds,
+            )
         )
         self.replays = fixed_words_counter(
             registry,
