@@ -7,6 +7,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from aiohttp.http_exceptions import LineTooLong
@@ -178,3 +179,54 @@ def test_outside_an_event_loop_each_line_is_written_at_once() -> None:
     assert stream.writes == 1
     logger.info("two")
     assert [json.loads(line)["msg"] for line in stream.getvalue().splitlines()] == ["one", "two"]
+
+
+def _fields_and_record_lines(handler: logging.Handler, stream: io.StringIO) -> list[dict[str, Any]]:
+    """The same line logged through `log_fields` and as an ordinary record."""
+    from proxy.ops.logs import log_fields
+
+    logger = logging.getLogger("fields-test")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    fields = {"method": "GET", "path": "/v1/é", "status": 200, "upstream_ms": None}
+    try:
+        log_fields(logger, logging.INFO, "GET /v1/é 200", fields)
+        logger.info("GET /v1/é 200", extra={"fields": fields, "redacted": True})
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
+    docs = [json.loads(line) for line in stream.getvalue().splitlines()]
+    for doc in docs:
+        doc.pop("ts")
+    return docs
+
+
+def test_a_line_of_fields_is_the_line_its_record_would_give() -> None:
+    stream = io.StringIO()
+    direct, through_record = _fields_and_record_lines(log_handler(stream, fmt="json"), stream)
+    assert direct == through_record
+    assert direct["logger"] == "fields-test"
+    assert direct["level"] == "info"
+    assert direct["path"] == "/v1/é"
+
+
+def test_a_line_of_fields_reaches_any_other_handler_as_a_record() -> None:
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    stream = io.StringIO()
+    _fields_and_record_lines(Keep(), stream)
+    assert [r.getMessage() for r in records] == ["GET /v1/é 200", "GET /v1/é 200"]
+    assert records[0].fields == records[1].fields  # type: ignore[attr-defined]
+
+
+def test_a_line_of_fields_respects_the_handler_level() -> None:
+    stream = io.StringIO()
+    handler = log_handler(stream, fmt="json")
+    handler.setLevel(logging.WARNING)
+    assert _fields_and_record_lines(handler, stream) == []

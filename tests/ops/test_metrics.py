@@ -158,3 +158,32 @@ async def test_scrapes_of_two_apps_in_one_process_do_not_mix() -> None:
     key = ("pleo_proxy_requests_total", (("method", "GET"), ("status_class", "2xx")))
     assert one[key] == 1
     assert two.get(key, 0) == 0
+
+
+def test_the_upstream_histogram_is_exposed_as_prometheus_client_would() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from proxy.ops.metrics import LATENCY_BUCKETS
+
+    observed = [0.0, 0.004, 0.005, 0.0051, 0.3, 1, 2.5, 119.9, 120, 121, 1e6]
+    ours = Metrics()
+    registry = CollectorRegistry()
+    reference = Histogram(
+        "pleo_proxy_upstream_seconds",
+        "Time until the Pleo API's response headers arrived",
+        buckets=LATENCY_BUCKETS,
+        registry=registry,
+    )
+    for seconds in observed:
+        ours.upstream_answered(seconds)
+        reference.observe(seconds)
+
+    def lines(text: bytes) -> list[str]:
+        return [
+            line
+            for line in text.decode().splitlines()
+            if line.startswith("pleo_proxy_upstream_seconds") and "_created" not in line
+        ]
+
+    assert lines(ours.render()[0]) == lines(generate_latest(registry))
+    assert len(lines(ours.render()[0])) == len(LATENCY_BUCKETS) + 3  # +Inf, count, sum
