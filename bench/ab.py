@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from bench.run import (
     _stop,
     free_port,
     measure_small,
+    pin,
     proxy_config,
     start_upstream,
     wait_ready,
@@ -76,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--connections", type=int, default=64)
     args = parser.parse_args(argv)
+    pin(os.getpid(), under_test=False)  # as bench.run: the servers have the other core
     results = asyncio.run(rounds(args.rounds, args.seconds, args.connections))
     print(f"small GETs, {args.connections} connections, {args.rounds} rounds of {args.seconds:g} s")
     print("| server | req/s per round | p50 ms per round |")

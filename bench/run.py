@@ -30,6 +30,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from bench.load import gets
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
 CHUNK = 64 * 1024
@@ -187,15 +189,39 @@ class Server:
         return self.process.pid
 
 
-def _spawn(argv: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
+def _spawn(
+    argv: Sequence[str], log_path: Path, *, under_test: bool = True
+) -> subprocess.Popen[bytes]:
     with log_path.open("wb") as log:
-        return subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, *argv],
             cwd=REPO_ROOT,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+    pin(process.pid, under_test=under_test)
+    return process
+
+
+PIN = os.environ.get("PLEO_BENCH_PIN") == "1"
+
+
+def cores(*, under_test: bool) -> set[int] | None:
+    """Where a process runs: a server under test on its own core; the load client and
+    the upstream stand-in share the other (None: fewer than 2 cores, no pinning)."""
+    if not PIN:
+        return None
+    available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(available) < 2:
+        return None
+    return {available[-1]} if under_test else {available[0]}
+
+
+def pin(pid: int, *, under_test: bool) -> None:
+    chosen = cores(under_test=under_test)
+    if chosen is not None:
+        os.sched_setaffinity(pid, chosen)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -233,7 +259,7 @@ async def start_upstream(workdir: Path) -> Server:
     port = free_port()
     log_path = workdir / "upstream.log"
     argv = ["-m", "bench.run", "--port", str(port), "--serve", "upstream"]
-    server = Server(f"http://127.0.0.1:{port}", _spawn(argv, log_path))
+    server = Server(f"http://127.0.0.1:{port}", _spawn(argv, log_path, under_test=False))
     try:
         await wait_ready(server, "/small", log_path)
     except BaseException:
@@ -264,7 +290,7 @@ async def start_servers(workdir: Path) -> AsyncIterator[dict[str, Server]]:
         specs = _server_specs(workdir)
         for name, (argv, url, ready_path) in specs.items():
             log_path = workdir / f"{name}.log"
-            process = _spawn(argv, log_path)
+            process = _spawn(argv, log_path, under_test=name != "direct")
             started.append(process)
             servers[name] = Server(url, process)
             await wait_ready(servers[name], ready_path, log_path)
@@ -316,27 +342,8 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     return sorted_values[index]
 
 
-async def _small_worker(
-    session: aiohttp.ClientSession, url: str, deadline: float, latencies: list[float]
-) -> None:
-    while time.perf_counter() < deadline:
-        started = time.perf_counter()
-        async with session.get(url) as response:
-            body = await response.read()
-        if response.status != 200 or body != SMALL_BODY:
-            raise RuntimeError(f"GET {url}: status {response.status}, {len(body)} bytes")
-        latencies.append(time.perf_counter() - started)
-
-
 async def _small_round(url: str, connections: int, seconds: float) -> tuple[list[float], float]:
-    connector = aiohttp.TCPConnector(limit=connections, limit_per_host=connections)
-    latencies: list[float] = []
-    async with aiohttp.ClientSession(connector=connector) as session:
-        started = time.perf_counter()
-        deadline = started + seconds
-        workers = [_small_worker(session, url, deadline, latencies) for _ in range(connections)]
-        await asyncio.gather(*workers)
-        return latencies, time.perf_counter() - started
+    return await gets(url, connections, seconds, SMALL_BODY)
 
 
 async def measure_small(
@@ -569,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(serve_until_signal(app, args.port))
         return 0
     settings = settings_from(args)
+    pin(os.getpid(), under_test=False)  # the load client, beside the upstream stand-in
     try:
         rows = asyncio.run(run_all(settings))
     except KeyboardInterrupt:
@@ -578,6 +586,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"small GETs: {settings.seconds:g} s per run; download {settings.download_bytes // MIB}"
         f" MiB, upload {settings.upload_bytes // MIB} MiB; RSS = the server process's VmHWM"
     )
+    under_test, beside = cores(under_test=True), cores(under_test=False)
+    if under_test is not None and beside is not None:
+        print(
+            f"forwarder and proxy on CPU {min(under_test)}; load client and upstream on"
+            f" CPU {min(beside)}"
+        )
     print(format_table(rows))
     return 0
 
