@@ -9,8 +9,9 @@ Must not forward, retry or read more than the bound plus one byte before decidin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -18,7 +19,6 @@ from aiohttp import web
 
 from proxy.errors import ClientBodyTimeout
 
-CHUNK_SIZE = 64 * 1024
 LARGE_BYTES_BODY = 1024 * 1024
 
 
@@ -80,28 +80,19 @@ async def _send_continue(request: web.Request) -> None:
         request.writer.output_size = 0
 
 
-async def _read_chunk(stream: aiohttp.StreamReader, size: int, stall_after: float) -> bytes:
-    """One read of the client's body; a client that stops sending is cut off."""
-    try:
-        async with asyncio.timeout(stall_after):
-            return await (stream.read(size) if size > 0 else stream.readany())
-    except TimeoutError:
-        raise ClientBodyTimeout(
-            f"no request body bytes for {stall_after:g} s; the request was abandoned"
-        ) from None
-
-
 async def _read_up_to(
     stream: aiohttp.StreamReader, limit: int, stall_after: float
 ) -> tuple[bytes, ...]:
+    """The body's chunks as they arrived until more than `limit - 1` bytes are in (or the
+    end); the last chunk may go past `limit`."""
     parts: list[bytes] = []
     size = 0
-    while size < limit:
-        chunk = await _read_chunk(stream, min(CHUNK_SIZE, limit - size), stall_after)
-        if not chunk:
-            break
-        parts.append(chunk)
-        size += len(chunk)
+    async with contextlib.aclosing(_chunks(stream, stall_after)) as chunks:
+        async for chunk in chunks:
+            parts.append(chunk)
+            size += len(chunk)
+            if size >= limit:
+                break
     return tuple(parts)
 
 
@@ -112,8 +103,34 @@ async def _relay_stream(
         yield part
     # Whatever has arrived, as it is: re-cutting into exact sizes halved upload
     # throughput (bench/README.md); the reader's buffer limit still bounds memory.
-    while chunk := await _read_chunk(stream, 0, stall_after):
+    async for chunk in _chunks(stream, stall_after):
         yield chunk
+
+
+async def _chunks(stream: aiohttp.StreamReader, stall_after: float) -> AsyncGenerator[bytes, None]:
+    """The body as the reader buffered it, chunk by chunk; a client that stops sending
+    for `stall_after` seconds is cut off. Iterate it from one task (the deadline's).
+
+    `readchunk()` hands over a buffered chunk as it is; `read(n)` and `readany()` join
+    what is buffered into a new bytes object, a copy of every body byte. One deadline,
+    armed only while waiting for the client (never while the consumer has the chunk),
+    instead of a timeout context per read.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(None) as deadline:
+            while True:
+                deadline.reschedule(loop.time() + stall_after)
+                chunk, end_of_http_chunk = await stream.readchunk()
+                deadline.reschedule(None)
+                if chunk:
+                    yield chunk
+                elif not end_of_http_chunk:  # else a chunked body's boundary, not its end
+                    return
+    except TimeoutError:
+        raise ClientBodyTimeout(
+            f"no request body bytes for {stall_after:g} s; the request was abandoned"
+        ) from None
 
 
 async def read_body(request: web.Request, limit: int, *, stall_after: float) -> Body:
