@@ -7,9 +7,12 @@ streamed one (the upstream request is already under way and is abandoned).
 from __future__ import annotations
 
 import asyncio
+import io
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from proxy.config import Timeouts
 from tests.http.test_limits import run_limited_proxy
@@ -45,3 +48,33 @@ async def test_a_stalled_request_body_is_cut_off_after_the_read_timeout(
                 client.get(f"http://127.0.0.1:{proxy.port}/v1/ok") as resp,
             ):
                 assert resp.status == 200
+
+
+async def test_an_upstream_slow_to_take_a_streamed_body_is_not_a_stalled_client() -> None:
+    # The deadline runs only while the proxy waits for the client: here the client has
+    # sent everything and Pleo starts reading only after longer than the read timeout;
+    # the proxy, waiting to write, is not waiting for the client.
+    length = 6_000_000  # more than the socket buffers hold: the proxy waits to write
+
+    async def handle(request: web.Request) -> web.Response:
+        await asyncio.sleep(1.5)  # longer than the read timeout, with the body unread
+        total = 0
+        while chunk := await request.content.read(1_000_000):
+            total += len(chunk)
+        return web.json_response({"received": total})
+
+    app = web.Application(client_max_size=length * 2)
+    app.router.add_post("/v1/upload", handle)
+    async with TestServer(app, host="127.0.0.1", port=0) as upstream:
+        url = str(upstream.make_url("")).rstrip("/")
+        config = proxy_config(url, timeouts=Timeouts(connect=1.0, read=1.0, shutdown=2.0))
+        async with (
+            asyncio.timeout(15),
+            run_limited_proxy(config) as proxy,
+            aiohttp.ClientSession() as client,
+            client.post(
+                f"http://127.0.0.1:{proxy.port}/v1/upload", data=io.BytesIO(b"x" * length)
+            ) as resp,
+        ):
+            assert resp.status == 200
+            assert (await resp.json()) == {"received": length}
