@@ -342,17 +342,13 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     return sorted_values[index]
 
 
-async def _small_round(url: str, connections: int, seconds: float) -> tuple[list[float], float]:
-    return await gets(url, connections, seconds, SMALL_BODY)
-
-
 async def measure_small(
     base: str, connections: int, seconds: float, *, path: str = "/small"
 ) -> Latency:
     """Small GETs over `connections` keep-alive connections, after a short warm-up."""
     url = base + path
-    await _small_round(url, connections, min(1.0, seconds / 4))
-    latencies, elapsed = await _small_round(url, connections, seconds)
+    await gets(url, connections, min(1.0, seconds / 4), SMALL_BODY)
+    latencies, elapsed = await gets(url, connections, seconds, SMALL_BODY)
     latencies.sort()
     return Latency(
         rps=len(latencies) / elapsed,

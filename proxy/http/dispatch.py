@@ -21,7 +21,7 @@ from proxy.http.keys import FRONT_KEY
 
 RESERVED_MARK = "/_proxy"
 CATCH_ALL = "/{tail}"  # the canonical form of "/{tail:.*}"
-RequestHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+ServerHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 def install_shortcut(runner: web.BaseRunner) -> None:
@@ -38,13 +38,14 @@ def install_shortcut(runner: web.BaseRunner) -> None:
     server.request_handler = shortcut(app, app[FRONT_KEY])
 
 
-def shortcut(app: web.Application, front: Middleware) -> RequestHandler:
+def shortcut(app: web.Application, front: Middleware) -> ServerHandler:
     """The server's request handler for `app`, which has a catch-all route.
 
     Raises ValueError if another route could match a path without RESERVED_MARK: the
     shortcut would take its requests.
     """
     route = _catch_all(app)
+    # One match for every request: its "tail" is not the request's (nothing reads it).
     match = web.UrlMappingMatchInfo({"tail": ""}, route)
     match.add_app(app)
     match.freeze()

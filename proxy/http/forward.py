@@ -2,7 +2,7 @@
 
 Owns the upstream URL (raw path and query, byte-exact), hop-by-hop stripping, the
 client's `Authorization` replaced by the credential source's, streaming both ways,
-the one replay after a 401 (of a body proxy.http.body kept), and `map_client_errors()`,
+the one replay after a 401 (of a body proxy.http.body kept), and `raise_client_error()`,
 the one place aiohttp client exceptions become `UpstreamError`s. Admission
 (proxy.http.fairness) comes before the body is read; retries (proxy.http.retries)
 wrap each send, below the 401 replay.
@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Awaitable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -85,25 +84,17 @@ class Outbound:
     retry: RetryPlan  # how many attempts upstream.retries allows this request
 
 
-@contextmanager
-def map_client_errors() -> Iterator[None]:
-    """aiohttp client exceptions → UpstreamTimeout (504) / UpstreamUnreachable (502).
-
-    Details name the failure kind only: never a header, URL credential or token. (The
-    request path catches CLIENT_ERRORS and calls `raise_client_error` itself: a
-    generator context manager costs a few microseconds per use.)
-    """
-    try:
-        yield
-    except CLIENT_ERRORS as exc:
-        raise_client_error(exc)
-
-
+# What aiohttp's client raises; `raise_client_error` says what each means.
 CLIENT_ERRORS = (aiohttp.ClientError, ConnectionError, TimeoutError)
 
 
 def raise_client_error(exc: BaseException) -> NoReturn:
-    """Raise what a caught CLIENT_ERRORS exception `exc` means for the client."""
+    """aiohttp client exceptions → UpstreamTimeout (504) / UpstreamUnreachable (502), or
+    ClientBodyTimeout when our client stopped sending the body it was relaying.
+
+    Details name the failure kind only: never a header, URL credential or token. Called
+    in an `except CLIENT_ERRORS` block (a context manager costs microseconds per use).
+    """
     # aiohttp wraps a failure of the streamed request body: when the cause is our
     # client going silent, that is the answer, not an upstream failure.
     cause = _body_timeout_cause(exc)
