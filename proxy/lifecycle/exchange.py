@@ -212,10 +212,15 @@ class Exchanger:
     async def close(self) -> None:
         """Close our end; the helper finishes what holds a lock, and exits."""
         self._closed = True
-        if self._starting is not None and not self._starting.done():
-            self._starting.cancel()  # its clean-up closes the socket and reaps the helper
-            await asyncio.gather(self._starting, return_exceptions=True)
+        starting, self._starting = self._starting, None
+        if starting is not None and not starting.done():
+            starting.cancel()  # its clean-up closes the socket and reaps the helper
+            await asyncio.gather(starting, return_exceptions=True)
         wait = self._config.timeouts.token_request + 10
+        # A helper started early (start_soon) that no refresh ever asked for was never
+        # taken up as the link: it is closed and reaped all the same.
+        if starting is not None and _succeeded(starting) and starting.result() is not self._link:
+            await starting.result().close(wait=wait)
         if self._link is not None:
             await self._link.close(wait=wait)
             self._link = None
@@ -315,6 +320,10 @@ def _environment_proxy(url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
         return aiohttp.helpers.get_env_proxy_for_url(URL(url))
     except LookupError:
         return None, None
+
+
+def _succeeded(future: asyncio.Future[_Link]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 def _retrieved(future: asyncio.Future[_Link]) -> None:

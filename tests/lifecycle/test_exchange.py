@@ -349,3 +349,21 @@ async def test_a_request_joining_a_refresh_queued_in_the_helper_goes_first(
     stats = await get_stats(sandbox.url)
     assert (stats["refresh_grants"], stats["reuse_detected"]) == (len(names), 0)
     assert stats["token_in_flight_max"] == 1
+
+
+async def test_a_helper_started_early_and_never_asked_is_stopped_at_close(
+    sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    # A proxy that never refreshed while it ran (the helper started at start-up, no
+    # refresh came): closing must still end the helper and reap it.
+    config, _ = await seeded(sandbox, tmp_path)
+    exchanger = Exchanger(config)
+    exchanger.start_soon()
+    starting = exchanger._starting  # the background start itself: nothing else awaits it
+    assert starting is not None
+    await asyncio.wait_for(asyncio.shield(starting), 20)
+    helpers = children(os.getpid())
+    assert len(helpers) == 1
+    await exchanger.close()
+    await until(lambda: gone(helpers[0]))
+    assert children(os.getpid()) == []  # reaped, not left a zombie
