@@ -1,7 +1,8 @@
 """A client that stops sending its request body is cut off after the read timeout.
 
-Both cases: a small body kept for replay (nothing has gone upstream yet) and a large
-streamed one (the upstream request is already under way and is abandoned).
+Each case: a small body kept for replay (nothing has gone upstream yet), a larger one
+within the replay limit, kept while it is sent, and a large streamed one (for the last
+two the upstream request is already under way and is abandoned).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from tests.upstreams import run_echo_upstream
 
 @pytest.mark.parametrize(
     ("length", "sent"),
-    [(100, 10), (5_000_000, 2_000_000)],
-    ids=["kept-for-replay", "streamed"],
+    [(100, 10), (500_000, 100_000), (5_000_000, 2_000_000)],
+    ids=["kept-for-replay", "kept-while-sent", "streamed"],
 )
 async def test_a_stalled_request_body_is_cut_off_after_the_read_timeout(
     length: int, sent: int

@@ -1,8 +1,9 @@
-"""The request body as the forwarder sends it: kept whole (replayable) or streamed once.
+"""The request body as the forwarder sends it: kept (replayable) or streamed once.
 
 Owns the up-front decision (httpx's `requires_request_body` idea: a body up to the
 replay bound is kept, a larger or unknown-past-the-bound one is streamed and never
-replayed), the deferred `100 Continue`, and cutting off a client that stops sending.
+replayed; a kept body over 64 KiB with a Content-Length is sent while it arrives),
+the deferred `100 Continue`, and cutting off a client that stops sending.
 Must not forward, retry or read more than the bound plus one byte before deciding.
 """
 
@@ -20,11 +21,13 @@ from aiohttp import web
 from proxy.errors import ClientBodyTimeout
 
 LARGE_BYTES_BODY = 1024 * 1024
+# Up to this size a kept body is read before it is sent (the pool writes it with the head).
+KEEP_WHOLE_BYTES = 2**16
 
 
 @dataclass(frozen=True)
 class Body:
-    """The request body as it will be sent: kept whole (replayable) or streamed once.
+    """The request body as it will be sent: kept (replayable) or streamed once.
 
     A kept body stays in the pieces it arrived in: joining them would copy up to
     `replay_body_limit` per request for nothing (the pool sends the pieces as they are).
@@ -32,6 +35,7 @@ class Body:
 
     parts: tuple[bytes, ...] | None = None  # kept whole (() for an empty body); None: none
     stream: AsyncIterator[bytes] | None = None
+    keeper: Keeper | None = None  # kept while it is sent
 
     @property
     def replayable(self) -> bool:
@@ -39,8 +43,18 @@ class Body:
 
     @property
     def size(self) -> int | None:
-        """The kept body's length; None when there is no kept body."""
+        """The replayable body's length; None when it is streamed once (or absent)."""
+        if self.keeper is not None:
+            return self.keeper.length
         return None if self.parts is None else sum(len(part) for part in self.parts)
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body to send, from its start; a replayable body can be sent again."""
+        if self.keeper is not None:
+            return self.keeper.chunks()
+        if self.stream is not None:
+            return self.stream
+        return _each(self.parts or ())
 
     @property
     def data(self) -> bytes | None:
@@ -49,14 +63,68 @@ class Body:
 
     def payload(self) -> bytes | io.BytesIO | AsyncIterator[bytes] | None:
         """What aiohttp sends; a fresh object per call, so a kept body can be sent twice."""
-        if self.stream is not None:
-            return self.stream
+        if self.stream is not None or self.keeper is not None:
+            return self.chunks()
         data = self.data
         if data is not None and len(data) > LARGE_BYTES_BODY:
             # aiohttp warns about (and writes in one go) large raw bytes; BytesIO is
             # written in chunks and shares the buffer rather than copying it.
             return io.BytesIO(data)
         return data
+
+
+class Keeper:
+    """A body of known length, at most the replay limit, sent as it arrives and kept.
+
+    The first send reads what the client has sent so far (`readany`: fewer, larger
+    writes upstream than chunk by chunk, measured faster) and keeps it before passing it
+    on; a later one (a replay after a 401, a retry, a resend on a stale connection) gives the
+    kept chunks and then reads on where the last one stopped: Pleo may answer before
+    it has the whole body. Sends are one after another, never two at once. Reading the
+    whole body first, as before, held the upload back by the time it takes to arrive.
+    """
+
+    def __init__(self, stream: aiohttp.StreamReader, length: int, stall_after: float) -> None:
+        self.length = length
+        self._stream = stream
+        self._stall_after = stall_after
+        self._parts: list[bytes] = []
+        self._ended = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        index = 0
+        while True:
+            if index < len(self._parts):
+                yield self._parts[index]
+                index += 1
+            elif self._ended:
+                return
+            else:
+                await self._read_one()
+
+    async def _read_one(self) -> None:
+        # A timeout per read, not one for the whole body: each send runs in its own
+        # task, and a deadline belongs to the task that set it.
+        try:
+            async with asyncio.timeout(self._stall_after):
+                chunk = await self._stream.readany()  # as the streamed upload reads
+        except TimeoutError:
+            raise _stalled(self._stall_after) from None
+        if chunk:
+            self._parts.append(chunk)
+        else:
+            self._ended = True
+
+
+def _stalled(stall_after: float) -> ClientBodyTimeout:
+    return ClientBodyTimeout(
+        f"no request body bytes for {stall_after:g} s; the request was abandoned"
+    )
+
+
+async def _each(parts: tuple[bytes, ...]) -> AsyncIterator[bytes]:
+    for part in parts:  # shared with a replay, which sends them again: never consumed
+        yield part
 
 
 async def defer_continue(request: web.Request) -> web.StreamResponse | None:
@@ -135,9 +203,7 @@ async def _chunks(
                 elif not end_of_http_chunk:  # else a chunked body's boundary, not its end
                     return
     except TimeoutError:
-        raise ClientBodyTimeout(
-            f"no request body bytes for {stall_after:g} s; the request was abandoned"
-        ) from None
+        raise _stalled(stall_after) from None
 
 
 async def read_body(request: web.Request, limit: int, *, stall_after: float) -> Body:
@@ -149,8 +215,11 @@ async def read_body(request: web.Request, limit: int, *, stall_after: float) -> 
         return Body()
     await _send_continue(request)
     length = request.content_length
-    if length is not None and length <= limit:
+    if length is not None and length <= min(limit, KEEP_WHOLE_BYTES):
+        # Small: read first, then sent with its head in one write.
         return Body(parts=await _read_up_to(request.content, length, stall_after))
+    if length is not None and length <= limit:
+        return Body(keeper=Keeper(request.content, length, stall_after))
     if length is not None:
         return Body(stream=_relay_stream((), request.content, stall_after))
     # Unknown length (chunked): read one byte past the limit to learn which case it is.

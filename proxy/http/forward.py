@@ -174,7 +174,7 @@ def _outbound(request: web.Request, config: Config, body: Body, raw_path: str) -
     headers = strip_hop_by_hop(request.raw_headers, excluded=NOT_FORWARDED_RAW)
     # Pleo sees the id our log line carries: the client's when sane, else ours.
     headers[REQUEST_ID_HEADER] = request_id(request)
-    if body.replayable:
+    if body.parts is not None:
         # A kept body is sent with its exact length (also when it came chunked).
         headers.popall("Content-Length", None)
     url = upstream_url(config.pleo.api_url, raw_path)

@@ -194,12 +194,12 @@ class UpstreamPool:
         await writer.write_headers(f"{method} {url.raw_path_qs} HTTP/1.1", wire)
         upload: asyncio.Task[None] | None = None
         parts = body.parts or ()
-        if body.stream is None and sum(len(part) for part in parts) <= INLINE_BODY_BYTES:
+        kept_whole = body.stream is None and body.keeper is None
+        if kept_whole and sum(len(part) for part in parts) <= INLINE_BODY_BYTES:
             await writer.write_eof(b"".join(parts))  # head and a small body in one write
             protocol.start_timeout()
         else:
-            chunks = _each(parts) if body.stream is None else body.stream
-            upload = asyncio.create_task(_upload(writer, protocol, chunks))
+            upload = asyncio.create_task(_upload(writer, protocol, body.chunks()))
         try:
             # Interim 1xx answers (but a 101) are skipped: the final one is relayed.
             while True:
@@ -251,11 +251,6 @@ class UpstreamPool:
         if self._idle and not self._closed:
             wait = self._keepalive - (now - self._idle[0][1])
             self._prune_handle = loop.call_later(wait, self._prune)
-
-
-async def _each(parts: tuple[bytes, ...]) -> AsyncIterator[bytes]:
-    for part in parts:  # shared with a replay, which sends them again: never consumed
-        yield part
 
 
 async def _upload(

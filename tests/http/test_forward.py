@@ -531,3 +531,61 @@ async def test_200_concurrent_gets(
     statuses = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(200))), 30)
     assert statuses == [200] * 200
     assert upstream.hits == 200
+
+
+async def _slowly(body: bytes, piece: int = 64 * 1024) -> AsyncIterator[bytes]:
+    for start in range(0, len(body), piece):
+        await asyncio.sleep(0.01)  # the answer can come while the body still arrives
+        yield body[start : start + piece]
+
+
+@pytest.mark.parametrize("slow_client", [False, True])
+async def test_a_body_sent_as_it_arrives_is_replayed_whole_after_an_early_401(
+    client: aiohttp.ClientSession, credentials: RecordingCredentials, slow_client: bool
+) -> None:
+    # Above 64 KiB a body within the replay limit goes to Pleo as it arrives and is kept
+    # as it goes. Pleo's 401 comes before it read any of it: the replay must still carry
+    # every byte, the kept ones and those still to come from the client.
+    body = bytes(range(256)) * 3000  # 750 KiB
+    received: list[tuple[str, bytes]] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        authorization = request.headers.get("Authorization", "")
+        if authorization == "Bearer token-1":
+            received.append((authorization, b""))
+            response = web.Response(status=401, headers={"WWW-Authenticate": "Bearer"})
+            response.force_close()
+            return response
+        received.append((authorization, await request.read()))
+        return web.json_response({"length": len(received[-1][1])})
+
+    app = web.Application(client_max_size=4 * MIB)
+    app.router.add_post("/v1/files", handle)
+    async with TestServer(app, host="127.0.0.1", port=0) as pleo:
+        url = str(pleo.make_url("")).rstrip("/")
+        async with run_proxy_app(proxy_config(url), credentials) as proxy:
+            headers = {"Content-Length": str(len(body))}
+            data = _slowly(body) if slow_client else io.BytesIO(body)
+            async with client.post(
+                url_of(proxy, "/v1/files"), data=data, headers=headers
+            ) as response:
+                assert response.status == 200
+                assert await response.json() == {"length": len(body)}
+    assert [a for a, _ in received] == ["Bearer token-1", "Bearer token-2"]
+    assert received[1][1] == body
+    assert credentials.rejected == ["Bearer token-1"]
+
+
+async def test_a_body_sent_as_it_arrives_is_replayed_whole_after_a_late_401(
+    upstream: EchoUpstream,
+    proxy: TestServer,
+    client: aiohttp.ClientSession,
+    credentials: RecordingCredentials,
+) -> None:
+    upstream.respond = reject_token_1()
+    body = bytes(range(256)) * 2000  # 500 KiB: sent as it arrives, and kept
+    async with client.post(url_of(proxy, "/v1/files"), data=io.BytesIO(body)) as response:
+        assert response.status == 200
+        assert await response.json() == {"ok": True, "length": len(body)}
+    assert [s.body for s in upstream.seen] == [body, body]
+    assert [s.headers["Content-Length"] for s in upstream.seen] == [str(len(body))] * 2
