@@ -57,6 +57,8 @@ def split_prefix(raw_path: str) -> tuple[str | None, str]:
 def named_target(raw_path: str, headers: list[str], fixed: str | None) -> Target:
     """Who the request names; ConnectionMismatch when the header, prefix and port disagree."""
     by_prefix, rest = split_prefix(raw_path)
+    if not headers and by_prefix is None:
+        return Target(fixed, rest)  # the common case: at most the listener names one
     named = {_checked(h.strip(), f"the {CONNECTION_HEADER} header") for h in headers}
     if by_prefix is not None:
         named.add(by_prefix)
