@@ -230,3 +230,23 @@ def test_a_line_of_fields_respects_the_handler_level() -> None:
     handler = log_handler(stream, fmt="json")
     handler.setLevel(logging.WARNING)
     assert _fields_and_record_lines(handler, stream) == []
+
+
+async def test_lines_of_fields_keep_their_place_among_records_in_one_write() -> None:
+    from proxy.ops.logs import log_fields
+
+    stream = CountingStream()
+    logger = coalescing_logger(stream)
+    for index in range(20):
+        if index % 2:
+            log_fields(logger, logging.INFO, f"fields {index}", {"index": index})
+        else:
+            logger.info("record %d", index)
+    assert stream.writes == 0  # formatted and written at the loop's next callbacks
+    await asyncio.sleep(0)
+    assert stream.writes == 1
+    docs = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [d["msg"] for d in docs] == [
+        f"fields {i}" if i % 2 else f"record {i}" for i in range(20)
+    ]
+    assert [d.get("index") for d in docs] == [i if i % 2 else None for i in range(20)]
