@@ -9,11 +9,13 @@ Must not log headers or bodies.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import re
 import secrets
 from time import perf_counter
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -78,35 +80,54 @@ class AccessLogger(AbstractAccessLogger):
             self._write(request, response, time)
 
     def _write(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        upstream = request.get(UPSTREAM_SECONDS_KEY)
-        upstream_ms = None if upstream is None else round(upstream * 1000, 1)
-        rid = request_id(request) if isinstance(request, web.Request) else None
-        # The client's own parts are redacted here, each once; the rest are numbers and
-        # fixed words, so the handler's filter need not scan the line again.
-        path = redact(request.path)
-        rid = None if rid is None else redact(rid)
-        method = redact(request.method)
         started = request.get(STARTED_KEY)
         if started is not None:  # else refused before the front middleware (malformed)
             time = perf_counter() - started
-        duration_ms = round(time * 1000, 1)
-        shown_upstream = "-" if upstream_ms is None else upstream_ms
-        log_fields(
-            self.logger,
-            logging.INFO,
-            # Formatted here, no arguments left: every part is redacted or a number.
-            f"{method} {path} {response.status} {response.body_length} bytes"
-            f" {duration_ms:.1f} ms (upstream {shown_upstream} ms) id={rid}",
-            {
-                "method": method,
-                "path": path,
-                "status": response.status,
-                "bytes": response.body_length,
-                "duration_ms": duration_ms,
-                "upstream_ms": upstream_ms,
-                "request_id": rid,
-            },
+        # What the line says, taken now; the line itself is made when it is written.
+        line = functools.partial(
+            _access_line,
+            request.method,
+            request.path,
+            response.status,
+            response.body_length,
+            time,
+            request.get(UPSTREAM_SECONDS_KEY),
+            request_id(request) if isinstance(request, web.Request) else None,
         )
+        log_fields(self.logger, logging.INFO, line)
+
+
+def _access_line(
+    method: str,
+    path: str,
+    status: int,
+    length: int,
+    seconds: float,
+    upstream: float | None,
+    rid: str | None,
+) -> tuple[str, dict[str, Any]]:
+    # The client's own parts are redacted here, each once; the rest are numbers and
+    # fixed words, so the handler's filter need not scan the line again.
+    path = redact(path)
+    rid = None if rid is None else redact(rid)
+    method = redact(method)
+    upstream_ms = None if upstream is None else round(upstream * 1000, 1)
+    duration_ms = round(seconds * 1000, 1)
+    shown_upstream = "-" if upstream_ms is None else upstream_ms
+    # Formatted here, no arguments left: every part is redacted or a number.
+    message = (
+        f"{method} {path} {status} {length} bytes"
+        f" {duration_ms:.1f} ms (upstream {shown_upstream} ms) id={rid}"
+    )
+    return message, {
+        "method": method,
+        "path": path,
+        "status": status,
+        "bytes": length,
+        "duration_ms": duration_ms,
+        "upstream_ms": upstream_ms,
+        "request_id": rid,
+    }
 
 
 def access_logger() -> logging.Logger:

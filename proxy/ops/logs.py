@@ -18,6 +18,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -232,20 +233,25 @@ class CoalescingHandler(logging.StreamHandler):  # type: ignore[type-arg]
             pass  # stderr gone (closed pipe): nothing left to tell
 
 
-def log_fields(logger: logging.Logger, level: int, msg: str, fields: dict[str, Any]) -> None:
+# A line's message and structured fields, made when (and only if) the line is written.
+LineParts = Callable[[], tuple[str, dict[str, Any]]]
+
+
+def log_fields(logger: logging.Logger, level: int, parts: LineParts) -> None:
     """Log a line built only from redacted parts and numbers (the access line).
 
     When every handler the record would reach is one of ours writing JSON, the line goes
-    to them directly and is formatted when they write: a LogRecord through the logger
-    chain, and formatting amid request handling, were most of the access line's cost.
-    Anything else (another handler, a filter on a logger, text format) gets the ordinary
-    record. The caller checks the level.
+    to them directly and `parts` is called when they write: a LogRecord through the
+    logger chain, and formatting amid request handling, were most of the access line's
+    cost. Anything else (another handler, a filter on a logger, text format) gets the
+    ordinary record, made now. The caller checks the level.
     """
     handlers = _json_handlers(logger, level)
     if handlers is None:
+        msg, fields = parts()
         logger.log(level, msg, extra={"fields": fields, "redacted": True})
         return
-    waiting = _Fields(handlers[0][1], time.time(), level, logger.name, msg, fields)
+    waiting = _Fields(handlers[0][1], time.time(), level, logger.name, parts)
     for handler, _ in handlers:  # every JsonFormatter writes the same line
         handler.emit_fields(waiting)
 
@@ -258,14 +264,14 @@ class _Fields:
     created: float
     level: int
     name: str
-    msg: str
-    fields: dict[str, Any]
+    parts: LineParts
     _line: str | None = None
 
     def line(self) -> str:
         if self._line is None:
+            msg, fields = self.parts()
             self._line = self.formatter.format_fields(
-                self.created, self.level, self.name, self.msg, self.fields
+                self.created, self.level, self.name, msg, fields
             )
         return self._line
 

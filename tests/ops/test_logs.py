@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import logging
@@ -191,7 +192,7 @@ def _fields_and_record_lines(handler: logging.Handler, stream: io.StringIO) -> l
     logger.propagate = False
     fields = {"method": "GET", "path": "/v1/é", "status": 200, "upstream_ms": None}
     try:
-        log_fields(logger, logging.INFO, "GET /v1/é 200", fields)
+        log_fields(logger, logging.INFO, lambda: ("GET /v1/é 200", fields))
         logger.info("GET /v1/é 200", extra={"fields": fields, "redacted": True})
     finally:
         logger.removeHandler(handler)
@@ -232,6 +233,10 @@ def test_a_line_of_fields_respects_the_handler_level() -> None:
     assert _fields_and_record_lines(handler, stream) == []
 
 
+def _indexed(index: int) -> tuple[str, dict[str, Any]]:
+    return f"fields {index}", {"index": index}
+
+
 async def test_lines_of_fields_keep_their_place_among_records_in_one_write() -> None:
     from proxy.ops.logs import log_fields
 
@@ -239,7 +244,7 @@ async def test_lines_of_fields_keep_their_place_among_records_in_one_write() -> 
     logger = coalescing_logger(stream)
     for index in range(20):
         if index % 2:
-            log_fields(logger, logging.INFO, f"fields {index}", {"index": index})
+            log_fields(logger, logging.INFO, functools.partial(_indexed, index))
         else:
             logger.info("record %d", index)
     assert stream.writes == 0  # formatted and written at the loop's next callbacks
