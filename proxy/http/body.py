@@ -92,28 +92,28 @@ class Keeper:
         self._ended = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        # Each send iterates its own generator from one task (the deadline's): one
+        # deadline per send, armed only while waiting for the client.
         index = 0
-        while True:
-            if index < len(self._parts):
-                yield self._parts[index]
-                index += 1
-            elif self._ended:
-                return
-            else:
-                await self._read_one()
-
-    async def _read_one(self) -> None:
-        # A timeout per read, not one for the whole body: each send runs in its own
-        # task, and a deadline belongs to the task that set it.
+        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self._stall_after):
-                chunk = await self._stream.readany()  # as the streamed upload reads
+            async with asyncio.timeout(None) as deadline:
+                while True:
+                    if index < len(self._parts):
+                        yield self._parts[index]
+                        index += 1
+                        continue
+                    if self._ended:
+                        return
+                    deadline.reschedule(loop.time() + self._stall_after)
+                    chunk = await self._stream.readany()  # as the streamed upload reads
+                    deadline.reschedule(None)
+                    if chunk:
+                        self._parts.append(chunk)
+                    else:
+                        self._ended = True
         except TimeoutError:
             raise _stalled(self._stall_after) from None
-        if chunk:
-            self._parts.append(chunk)
-        else:
-            self._ended = True
 
 
 def _stalled(stall_after: float) -> ClientBodyTimeout:
